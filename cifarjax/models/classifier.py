@@ -1,0 +1,124 @@
+"""The paper's small CIFAR classifier (Part 1, section 1 and Figs. 1-3).
+
+What the paper says: a 5x5 convolution first; then a mix of channel-expansion
+blocks (a convolution that doubles the channels, BatchNorm, ReLU) and residual
+bottleneck blocks (1x1 down, depthwise-separable 3x3, 1x1 up, BatchNorm, ReLU,
+skip connection); two max-pools; a global average pool over the final 8x8 maps;
+one dense layer; 99,703 parameters in all. Its figures, which gave the exact
+layout, are lost, so `paper_classifier` fixes what the text leaves open (see its
+docstring).
+
+BatchNorm follows PyTorch, the paper's framework: running statistics move by
+0.1 of each batch's statistics (flax momentum 0.9), eps 1e-5. With flax's
+default momentum 0.99 a short run evaluates far below its training accuracy.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+BN_MOMENTUM = 0.9  # PyTorch momentum=0.1
+BN_EPSILON = 1e-5
+
+
+def batch_norm(train: bool, name=None):
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                      epsilon=BN_EPSILON, name=name)
+
+
+class ExpandBlock(nn.Module):
+  """Doubles the channels: conv (kernel_size) -> BatchNorm -> ReLU."""
+  kernel_size: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    k = self.kernel_size
+    x = nn.Conv(2 * x.shape[-1], (k, k), padding="SAME")(x)
+    return nn.relu(batch_norm(train)(x))
+
+
+class ResidualBlock(nn.Module):
+  """Bottleneck residual block (Fig. 1).
+
+  1x1 conv down to channels/bottleneck_ratio, BN, ReLU; depthwise 3x3 then
+  pointwise 1x1 (a depthwise-separable conv), BN, ReLU; 1x1 conv back up, BN;
+  add the input; ReLU.
+  """
+  bottleneck_ratio: int = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    channels = x.shape[-1]
+    width = channels // self.bottleneck_ratio
+    h = nn.Conv(width, (1, 1))(x)
+    h = nn.relu(batch_norm(train)(h))
+    h = nn.Conv(width, (3, 3), padding="SAME", feature_group_count=width)(h)  # depthwise
+    h = nn.Conv(width, (1, 1))(h)  # pointwise
+    h = nn.relu(batch_norm(train)(h))
+    h = nn.Conv(channels, (1, 1))(h)
+    h = batch_norm(train)(h)
+    return nn.relu(x + h)
+
+
+class Classifier(nn.Module):
+  """Stem, then `layout` read left to right, then global average pool and dense head.
+
+  layout tokens: "expand" (ExpandBlock), "residual" (ResidualBlock), "pool"
+  (2x2 max-pool). Dropout of `dropout_rate` (the paper's ablation) goes before
+  each of the last `dropout_before_last_expands` expansion blocks.
+  """
+  num_classes: int = 100
+  stem_channels: int = 32
+  stem_kernel: int = 5
+  layout: Sequence[str] = ()
+  expand_kernel: int = 1
+  bottleneck_ratio: int = 4
+  dropout_rate: float = 0.0
+  dropout_before_last_expands: int = 2
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    """images: float (B, H, W, 3), already normalised. Returns logits (B, num_classes)."""
+    k = self.stem_kernel
+    x = nn.Conv(self.stem_channels, (k, k), padding="SAME")(images)
+    x = nn.relu(batch_norm(train)(x))
+    num_expands = sum(token == "expand" for token in self.layout)
+    expands_seen = 0
+    for token in self.layout:
+      if token == "expand":
+        if self.dropout_rate and expands_seen >= num_expands - self.dropout_before_last_expands:
+          x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        expands_seen += 1
+        x = ExpandBlock(self.expand_kernel)(x, train)
+      elif token == "residual":
+        x = ResidualBlock(self.bottleneck_ratio)(x, train)
+      elif token == "pool":
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      else:
+        raise ValueError(f"unknown layout token {token!r}; expected expand, residual or pool")
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes)(x)
+
+
+PAPER_LAYOUT = ("expand", "residual", "residual", "pool",
+                "expand", "residual", "pool",
+                "expand", "residual", "residual")
+
+
+def paper_classifier(num_classes: int = 100, dropout_rate: float = 0.0) -> Classifier:
+  """The paper's model: 99,652 parameters for 100 classes (the paper: 99,703).
+
+  Read from the paper: 5x5 stem; expansion blocks double the channels; residual
+  blocks are 1x1 down / depthwise 3x3 + pointwise 1x1 / 1x1 up with BN and ReLU
+  and a skip; two max-pools; the average pool sees 8x8 maps; one dense layer.
+  Chosen here, since the figures are lost: 24 stem channels, three 1x1
+  expansion blocks (24->48->96->192), bottleneck width channels/4, the layout
+  E R R | pool | E R | pool | E R R, and PyTorch's default conv biases. Of the
+  layouts of this family under 100,000 parameters this is the closest to the
+  paper's count; 99,703 itself is odd, which no layout with even channel counts
+  and PyTorch's parameter conventions can reach.
+  """
+  return Classifier(num_classes=num_classes, stem_channels=24, stem_kernel=5,
+                    layout=PAPER_LAYOUT, expand_kernel=1, bottleneck_ratio=4,
+                    dropout_rate=dropout_rate)
