@@ -1,0 +1,82 @@
+"""Image-folder trees and zips laid out `<split>/<class>/<file>.png|jpg`."""
+
+import io
+import pathlib
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+from cifarjax.data.split import Split
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _list_zip(path: pathlib.Path):
+  with zipfile.ZipFile(path) as zf:
+    return [n for n in zf.namelist() if not n.endswith("/")]
+
+
+def _list_dir(path: pathlib.Path):
+  return [p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()]
+
+
+def _index(names):
+  """{split: {class: [member names]}} from paths ending `<split>/<class>/<file>`.
+
+  A single leading folder (as zips made of a folder often have) is allowed.
+  """
+  tree = {}
+  for name in names:
+    parts = name.split("/")
+    if len(parts) < 3 or not parts[-1].lower().endswith(IMAGE_SUFFIXES):
+      continue
+    split, cls = parts[-3], parts[-2]
+    tree.setdefault(split, {}).setdefault(cls, []).append(name)
+  return tree
+
+
+def image_folder_splits(path) -> tuple[str, ...]:
+  """The split names a folder tree or zip holds."""
+  path = pathlib.Path(path)
+  names = _list_zip(path) if path.suffix == ".zip" else _list_dir(path)
+  return tuple(sorted(_index(names)))
+
+
+def load_image_folder(path, split: str) -> Split:
+  """Reads every image of `split`; classes are the sorted folder names."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"image folder or zip {path} does not exist")
+  is_zip = path.suffix == ".zip"
+  names = _list_zip(path) if is_zip else _list_dir(path)
+  tree = _index(names)
+  if split not in tree:
+    raise ValueError(
+        f"{path} has no split {split!r}: expected <split>/<class>/<image> with split in "
+        f"{sorted(tree) or 'nothing found'}")
+  class_names = tuple(sorted(tree[split]))
+  members = [(m, label) for label, c in enumerate(class_names) for m in sorted(tree[split][c])]
+
+  zf = zipfile.ZipFile(path) if is_zip else None
+  try:
+    images = []
+    for member, _ in members:
+      raw = zf.read(member) if zf else (path / member).read_bytes()
+      try:
+        with Image.open(io.BytesIO(raw)) as im:
+          images.append(np.asarray(im.convert("RGB")))
+      except Exception as e:
+        raise ValueError(f"cannot decode image {path}/{member}: {e}") from e
+  finally:
+    if zf:
+      zf.close()
+  shapes = {im.shape for im in images}
+  if len(shapes) != 1:
+    first = next(m for (m, _), im in zip(members, images) if im.shape != images[0].shape)
+    raise ValueError(
+        f"images in {path} differ in size: {members[0][0]} is {images[0].shape}, "
+        f"{first} is not; resize them to one size first")
+  return Split(images=np.stack(images).astype(np.uint8),
+               labels=np.array([label for _, label in members], np.int32),
+               class_names=class_names)

@@ -1,0 +1,105 @@
+"""The training loop shared by both models: feeds steps, logs, evaluates, checkpoints.
+
+The model-specific parts come in as functions: `draw(state) -> (batch, rng)`
+and `train_step(state, batch, rng) -> (state, metrics)`, both already jitted,
+and `evaluate(state) -> dict`. The loop never blocks on the device except at
+log, eval and checkpoint boundaries.
+"""
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from cifarjax import checkpoint, runlog
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  steps: int
+  batch_size: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+  keep_checkpoints: int
+
+
+def epoch_batch_indices(key, step, num_examples: int, batch_size: int):
+  """Indices of batch `step`: epoch e = step // steps_per_epoch walks a fresh permutation
+  drawn from fold_in(key, e) in order, dropping the remainder. A pure function of
+  (key, step), so the data order needs no state beyond the step."""
+  steps_per_epoch = num_examples // batch_size
+  epoch, position = step // steps_per_epoch, step % steps_per_epoch
+  perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+  return jax.lax.dynamic_slice(perm, (position * batch_size,), (batch_size,))
+
+
+def _flush(pending, log, lr_fn, images_per_step, t_last, bar, last_good_step):
+  """Fetches pending per-step metrics, checks them, writes their mean. Returns (metrics, time)."""
+  steps = [s for s, _ in pending]
+  fetched = jax.device_get([m for _, m in pending])
+  for step, metrics in zip(steps, fetched):
+    bad = [k for k, v in metrics.items() if not np.all(np.isfinite(v))]
+    if bad:
+      raise FloatingPointError(
+          f"non-finite {', '.join(bad)} at step {step} ({metrics}); training stopped. The last "
+          f"good checkpoint (step {last_good_step}) is intact; lower the learning rate or check "
+          f"the data before resuming.")
+  now = time.perf_counter()
+  mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  record = {"step": steps[-1] + 1, **mean, "lr": float(lr_fn(steps[-1])),
+            "images_per_sec": len(steps) * images_per_step / max(now - t_last, 1e-9)}
+  log.write(record)
+  bar.set_postfix({k: f"{v:.4g}" for k, v in mean.items()})
+  return record, now
+
+
+def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSettings,
+        desc="train"):
+  """Trains from the latest checkpoint in `workdir` (or `state`) to `settings.steps`.
+
+  Returns (final state, last evaluation dict, wall seconds spent in this call).
+  """
+  s = settings
+  mngr = checkpoint.manager(workdir, s.keep_checkpoints)
+  restored = checkpoint.restore_latest(mngr, state)
+  if restored is not None:
+    state = restored
+  start = int(jax.device_get(state.step))
+  log = runlog.MetricsLog(workdir, resume_step=start)
+  last_good = mngr.latest_step()
+  pending, evaluation = [], {}
+  t0 = t_last = time.perf_counter()
+  bar = tqdm(total=s.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+             disable=jax.process_index() != 0)
+  try:
+    for step in range(start, s.steps):
+      batch, rng = draw(state)
+      state, metrics = train_step(state, batch, rng)
+      pending.append((step, metrics))
+      bar.update(1)
+      done = step + 1
+      boundary = {
+          "log": done % s.log_every == 0 or done == s.steps,
+          "eval": done % s.eval_every == 0 or done == s.steps,
+          "ckpt": done % s.checkpoint_every == 0 or done == s.steps,
+      }
+      if pending and any(boundary.values()):
+        _, t_last = _flush(pending, log, lr_fn, s.batch_size, t_last, bar, last_good)
+        pending = []
+      if boundary["eval"]:
+        evaluation = evaluate(state)
+        log.write({"step": done, **evaluation})
+        t_last = time.perf_counter()  # eval time is not training throughput
+      if boundary["ckpt"]:
+        checkpoint.save(mngr, done, state)
+        last_good = done
+  finally:
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+  if start >= s.steps:  # nothing to train: still report where the run stands
+    evaluation = evaluate(state)
+  return state, evaluation, time.perf_counter() - t0

@@ -1,0 +1,260 @@
+"""Training and evaluating the paper's classifier: state, jitted steps, and the run.
+
+`train_step(state, batch, rng) -> (state, metrics)` is compiled once with
+`jax.jit` over a 1-D data mesh: the state replicated and donated, the batch
+split over devices. BatchNorm statistics are taken over the whole global batch
+(XLA inserts the cross-device reductions), so 1 device and 8 give the same step.
+"""
+
+import dataclasses
+import pathlib
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cifarjax import augment, config as config_lib, loop, mesh as mesh_lib, runlog
+from cifarjax.config import ClassifierConfig
+from cifarjax.data import Split, load_split, with_class_order
+from cifarjax.models import count_params, paper_classifier
+
+
+@flax.struct.dataclass
+class ClassifierState:
+  step: jax.Array  # int32 scalar
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # uint32 (2,) base key: data order, augmentation and dropout derive from it
+
+
+def make_optimizer(config: ClassifierConfig, steps_per_epoch: int):
+  """Adam with L2 weight decay added to the gradient (PyTorch's Adam), lr decayed per epoch."""
+  lr = optax.exponential_decay(config.learning_rate, transition_steps=steps_per_epoch,
+                               decay_rate=config.lr_decay, staircase=True)
+  tx = optax.chain(optax.add_decayed_weights(config.weight_decay), optax.scale_by_adam(),
+                   optax.scale_by_learning_rate(lr))
+  return tx, lr
+
+
+def init_state(model: nn.Module, tx, seed: int, image_shape=(32, 32, 3)) -> ClassifierState:
+  rng = jax.random.PRNGKey(seed)
+  variables = model.init(jax.random.fold_in(rng, 2), jnp.zeros((1, *image_shape)), train=False)
+  params = variables["params"]
+  return ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
+                         batch_stats=variables["batch_stats"], opt_state=tx.init(params), rng=rng)
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_train_step(model: nn.Module, tx, mesh):
+  replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+
+  def train_step(state: ClassifierState, batch, rng):
+    images, labels = batch
+
+    def loss_fn(params):
+      logits, updates = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+          rngs={"dropout": rng}, mutable=["batch_stats"])
+      return cross_entropy(logits, labels), (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                          batch_stats=batch_stats, opt_state=opt_state)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    return state, metrics
+
+  return jax.jit(train_step, in_shardings=(replicated, sharded, replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def make_draw(images, labels, config: ClassifierConfig, mesh):
+  """draw(state) -> ((images, labels), rng): batch `state.step` of the epoch order,
+  augmented on the device. images/labels: the whole split, on the device."""
+  num_examples, batch_size, aug = len(images), config.batch_size, config.augment
+  if num_examples < batch_size:
+    raise ValueError(f"batch size {batch_size} exceeds the {num_examples} training examples")
+
+  def draw(base_rng, step):
+    order_key, step_key = jax.random.fold_in(base_rng, 0), jax.random.fold_in(base_rng, step + 1)
+    aug_key, dropout_key = jax.random.split(step_key)
+    idx = loop.epoch_batch_indices(order_key, step, num_examples, batch_size)
+    x = augment.augment(aug_key, augment.to_float(images[idx]), aug)
+    return (augment.normalize(x), labels[idx]), dropout_key
+
+  sharded, replicated = mesh_lib.batch_sharded(mesh), mesh_lib.replicated(mesh)
+  draw = jax.jit(draw, out_shardings=((sharded, sharded), replicated))
+  return lambda state: draw(state.rng, state.step)
+
+
+def put_split(data: Split, mesh, pad_to: int = 1):
+  """The split's images and labels on every device, padded to a multiple of pad_to."""
+  n = len(data)
+  pad = -n % pad_to
+  images = np.concatenate([data.images, np.zeros((pad, *data.images.shape[1:]), np.uint8)])
+  labels = np.concatenate([data.labels, np.zeros((pad,), data.labels.dtype)]).astype(np.int32)
+  return jax.device_put((images, labels), mesh_lib.replicated(mesh))
+
+
+def make_evaluate_split(model: nn.Module, mesh, batch_size: int):
+  """evaluate(params, batch_stats, images, labels, n) -> {accuracy, top5, loss, num_examples},
+  in inference mode (BatchNorm running statistics, no dropout)."""
+  mesh_lib.check_batch_size(batch_size, mesh)
+  sharded = mesh_lib.batch_sharded(mesh)
+
+  @jax.jit
+  def eval_batch(params, batch_stats, images, labels, start, n):
+    x = jax.lax.dynamic_slice_in_dim(images, start, batch_size)
+    y = jax.lax.dynamic_slice_in_dim(labels, start, batch_size)
+    x = jax.lax.with_sharding_constraint(augment.normalize(augment.to_float(x)), sharded)
+    logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+    mask = (start + jnp.arange(batch_size)) < n
+    top5 = jnp.any(jax.lax.top_k(logits, 5)[1] == y[:, None], axis=-1)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return (jnp.sum(mask * (jnp.argmax(logits, -1) == y)), jnp.sum(mask * top5),
+            jnp.sum(mask * loss))
+
+  def evaluate(params, batch_stats, images, labels, n):
+    totals = [eval_batch(params, batch_stats, images, labels, start, n)
+              for start in range(0, n, batch_size)]
+    correct, correct5, loss = (float(sum(t)) for t in zip(*jax.device_get(totals)))
+    return {"accuracy": correct / n, "top5": correct5 / n, "loss": loss / n, "num_examples": n}
+
+  return evaluate
+
+
+def train_eval_indices(n: int, size: int) -> np.ndarray:
+  """The fixed subset of train scored for train accuracy (the same in every run)."""
+  return np.sort(np.random.default_rng(0).permutation(n)[:min(size, n)])
+
+
+def _check_resumable(workdir: pathlib.Path, config: ClassifierConfig):
+  """A workdir holds one run: resuming with another config (but `steps`) is an error."""
+  path = workdir / "config.json"
+  if not path.exists():
+    return
+  saved = runlog.read_json(path)
+  kind = saved.pop("type", None)
+  if kind != type(config).__name__:
+    raise ValueError(f"{workdir} holds a {kind} run, not a {type(config).__name__} run; "
+                     f"use another --workdir")
+  new = config_lib.to_dict(config)
+  differ = sorted(k for k in new if k != "steps" and saved.get(k) != new[k])
+  if differ:
+    raise ValueError(f"{workdir} holds a run with another config ({', '.join(differ)} differ); "
+                     f"use another --workdir, or the same settings to resume")
+
+
+def train(config: ClassifierConfig, workdir, mesh=None) -> dict:
+  """Trains (or resumes) the paper classifier in `workdir`; returns the summary."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  _check_resumable(workdir, config)
+  mesh = mesh or mesh_lib.make_mesh()
+  mesh_lib.check_batch_size(config.batch_size, mesh)
+  mesh_lib.check_batch_size(config.eval_batch_size, mesh)
+  train_data = load_split(config.data, "train", holdout=config.holdout)
+  test_data = load_split(config.data, "test", holdout=config.holdout)
+  test_data = with_class_order(test_data, train_data.class_names)
+  if jax.process_index() == 0:
+    config_lib.save_json(config, workdir / "config.json")
+    runlog.write_json(workdir / "classes.json", list(train_data.class_names))
+
+  model = paper_classifier(train_data.num_classes, dropout_rate=config.dropout)
+  steps_per_epoch = len(train_data) // config.batch_size
+  tx, lr_fn = make_optimizer(config, steps_per_epoch)
+  state = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
+  train_images, train_labels = put_split(train_data, mesh)
+  subset = train_data.take(train_eval_indices(len(train_data), config.train_eval_size))
+  eval_sets = {name: (put_split(d, mesh, config.eval_batch_size), len(d))
+               for name, d in (("test", test_data), ("train", subset))}
+  evaluate_split = make_evaluate_split(model, mesh, config.eval_batch_size)
+
+  def evaluate(state):
+    out = {}
+    for name, ((images, labels), n) in eval_sets.items():
+      result = evaluate_split(state.params, state.batch_stats, images, labels, n)
+      out.update({f"{name}_accuracy": result["accuracy"], f"{name}_top5": result["top5"],
+                  f"{name}_loss": result["loss"]})
+    return out
+
+  settings = loop.LoopSettings(config.steps, config.batch_size, config.log_every,
+                               config.eval_every, config.checkpoint_every,
+                               config.keep_checkpoints)
+  state, final_eval, seconds = loop.run(
+      workdir, state, draw=make_draw(train_images, train_labels, config, mesh),
+      train_step=make_train_step(model, tx, mesh), evaluate=evaluate, lr_fn=lr_fn,
+      settings=settings, desc="classifier")
+
+  evals = [r for r in runlog.read_metrics(workdir) if "test_accuracy" in r]
+  best = max(evals, key=lambda r: r["test_accuracy"]) if evals else {}
+  summary = {
+      "model": "paper_classifier", "data": config.data, "steps": int(jax.device_get(state.step)),
+      "num_params": count_params(state.params),
+      **{f"final_{k}": v for k, v in final_eval.items()},
+      "best_test_accuracy": best.get("test_accuracy"), "best_step": best.get("step"),
+      "train_test_gap": (final_eval["train_accuracy"] - final_eval["test_accuracy"]
+                         if final_eval else None),
+      "num_train": len(train_data), "num_test": len(test_data),
+      "wall_seconds_this_call": seconds, "devices": describe_devices(mesh),
+      "jax_version": jax.__version__,
+  }
+  if jax.process_index() == 0:
+    runlog.write_json(workdir / "summary.json", summary)
+    from cifarjax import plots
+    plots.training_graph(workdir)
+  return summary
+
+
+def describe_devices(mesh) -> str:
+  d = mesh.devices.flat[0]
+  return f"{mesh.size} x {d.device_kind} ({d.platform}), {jax.process_count()} process(es)"
+
+
+def load_trained(workdir, mesh=None):
+  """(model, state, config, class_names) of the latest checkpoint in a classifier workdir."""
+  from cifarjax import checkpoint
+  workdir = pathlib.Path(workdir)
+  if not (workdir / "config.json").exists():
+    raise FileNotFoundError(f"{workdir} holds no run (no config.json); train one with "
+                            f"`cifarjax train-classifier --workdir {workdir}`")
+  saved = runlog.read_json(workdir / "config.json")
+  kind = saved.pop("type", None)
+  if kind != ClassifierConfig.__name__:
+    raise ValueError(f"{workdir} holds a {kind} run, not a classifier")
+  config = config_lib.from_dict(ClassifierConfig, saved)
+  class_names = tuple(runlog.read_json(workdir / "classes.json"))
+  mesh = mesh or mesh_lib.make_mesh()
+  model = paper_classifier(len(class_names), dropout_rate=config.dropout)
+  tx, _ = make_optimizer(config, 1)
+  like = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+  state = checkpoint.restore_latest(mngr, like)
+  mngr.close()
+  if state is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet")
+  return model, state, config, class_names
+
+
+def evaluate_workdir(workdir, data: str | None = None, split: str = "test",
+                     batch_size: int = 1000, mesh=None) -> dict:
+  """Top-1/top-5 accuracy of a trained classifier on any source whose classes it knows."""
+  mesh = mesh or mesh_lib.make_mesh()
+  model, state, config, class_names = load_trained(workdir, mesh)
+  batch_size = -(-batch_size // mesh.size) * mesh.size
+  data_split = with_class_order(load_split(data or config.data, split, holdout=config.holdout),
+                                class_names)
+  images, labels = put_split(data_split, mesh, batch_size)
+  result = make_evaluate_split(model, mesh, batch_size)(
+      state.params, state.batch_stats, images, labels, len(data_split))
+  return {**result, "step": int(jax.device_get(state.step)), "data": data or config.data,
+          "split": split}
