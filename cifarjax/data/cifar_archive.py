@@ -9,19 +9,21 @@ turn. `load_cifar_archive` reads the extracted folder or the .tar.gz itself.
 """
 
 import codecs
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import http.client
 import io
 import os
 import pathlib
 import pickle
 import tarfile
 import tempfile
-import urllib.error
 import urllib.request
 
 import numpy as np
+from tqdm import tqdm
 
 from cifarjax.data.split import Split
 
@@ -290,17 +292,31 @@ def _archive(name: str) -> Archive:
   return ARCHIVES[name]
 
 
-def _fetch(url: str, out, md5) -> None:
-  """Streams `url` into the open file `out`, updating the hash `md5`."""
-  from tqdm import tqdm
+def _chunks(url: str):
+  """Yields the bytes at `url` in chunks, with a progress bar on terminals."""
   with urllib.request.urlopen(url, timeout=60) as response:
     total = int(response.headers.get("Content-Length") or 0) or None
     with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
               disable=None) as bar:  # disable=None: no bar when not on a terminal
       for chunk in iter(lambda: response.read(_CHUNK_BYTES), b""):
-        out.write(chunk)
-        md5.update(chunk)
         bar.update(len(chunk))
+        yield chunk
+
+
+def _download(url: str, out, offline_hint: str) -> str:
+  """Streams `url` into the open file `out`; returns the md5 of what came."""
+  md5 = hashlib.md5(usedforsecurity=False)
+  with contextlib.closing(_chunks(url)) as chunks:
+    while True:
+      # Only reading is wrapped: a failed write (disk full) is no network error.
+      try:
+        chunk = next(chunks, b"")
+      except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets
+        raise ArchiveUnavailableError(f"could not download {url} ({e}). {offline_hint}") from e
+      if not chunk:
+        return md5.hexdigest()
+      out.write(chunk)
+      md5.update(chunk)
 
 
 def download_cifar_archive(name: str, cache_dir=None) -> pathlib.Path:
@@ -333,19 +349,15 @@ def download_cifar_archive(name: str, cache_dir=None) -> pathlib.Path:
   # Download beside the target and rename only once the md5 matches, so that a
   # partial or corrupt download never sits at the path we trust.
   fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{archive.filename}.", suffix=".part")
+  offline_hint = (
+      f"Without network, point at a local copy: --data /path/to/{archive.filename} (or the "
+      f"extracted folder), or put the archive at {target}.")
   try:
-    md5 = hashlib.md5(usedforsecurity=False)
     with os.fdopen(fd, "wb") as out:
-      try:
-        _fetch(archive.url, out, md5)
-      except OSError as e:  # urllib.error.URLError is an OSError
-        raise ArchiveUnavailableError(
-            f"could not download {archive.url} ({e}). Without network, point at a local "
-            f"copy: --data /path/to/{archive.filename} (or the extracted folder), or put "
-            f"the archive at {target}.") from e
-    if md5.hexdigest() != archive.md5:
+      actual = _download(archive.url, out, offline_hint)
+    if actual != archive.md5:
       raise ChecksumError(
-          f"the download of {archive.url} has md5 {md5.hexdigest()}, expected "
+          f"the download of {archive.url} has md5 {actual}, expected "
           f"{archive.md5}; nothing was saved. Try again, or download it yourself and "
           f"pass --data /path/to/{archive.filename}.")
     os.replace(tmp, target)
