@@ -91,7 +91,8 @@ def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSett
         pending = []
       if boundary["eval"]:
         evaluation = evaluate(state)
-        log.write({"step": done, **evaluation})
+        if evaluation:
+          log.write({"step": done, **evaluation})
         t_last = time.perf_counter()  # eval time is not training throughput
       if boundary["ckpt"]:
         checkpoint.save(mngr, done, state)

@@ -33,3 +33,14 @@ def fid_reference_path():
 @pytest.fixture(scope="session")
 def cifar10_zip_path():
   return _shared_file("CIFARJAX_CIFAR10_ZIP", "data/cifar10-jpeg-train.zip")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+  """Tests build the same small programs in several places; compile each once."""
+  import jax
+  cache = pathlib.Path(os.environ.get("CIFARJAX_TEST_JAX_CACHE") or
+                       tmp_path_factory.getbasetemp().parent / "jax-cache")
+  jax.config.update("jax_compilation_cache_dir", str(cache))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,0 +1,65 @@
+"""The shared loop's guarantees, on a toy state (no network to compile)."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cifarjax import checkpoint, loop, runlog
+
+
+@flax.struct.dataclass
+class ToyState:
+  step: jax.Array
+  w: jax.Array
+
+
+SETTINGS = loop.LoopSettings(steps=6, batch_size=4, log_every=1, eval_every=100,
+                             checkpoint_every=2, keep_checkpoints=5)
+
+
+def _run(workdir, poison_at=None, steps=6):
+  @jax.jit
+  def train_step(state, batch, rng):
+    w = state.w + batch
+    loss = jnp.where(state.step == (poison_at if poison_at is not None else -1), jnp.nan, w.sum())
+    return state.replace(step=state.step + 1, w=w), {"loss": loss}
+
+  state = ToyState(step=jnp.zeros((), jnp.int32), w=jnp.zeros(3))
+  return loop.run(workdir, state, draw=lambda s: (jnp.ones(3), None), train_step=train_step,
+                  evaluate=lambda s: {}, lr_fn=lambda step: 0.0,
+                  settings=loop.LoopSettings(**{**SETTINGS.__dict__, "steps": steps}))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  with pytest.raises(FloatingPointError, match=r"non-finite loss at step 4.*checkpoint \(step 4\) is intact"):
+    _run(tmp_path, poison_at=4)
+  mngr = checkpoint.manager(tmp_path, 5)
+  assert mngr.latest_step() == 4
+  like = ToyState(step=jnp.zeros((), jnp.int32), w=jnp.zeros(3))
+  restored = checkpoint.restore_latest(mngr, like)
+  np.testing.assert_array_equal(restored.w, np.full(3, 4.0))
+  assert int(restored.step) == 4
+
+
+def test_resume_drops_metrics_past_the_checkpoint(tmp_path):
+  _run(tmp_path, steps=6)
+  # Pretend the run died at step 6 before a checkpoint at 6 was written.
+  mngr = checkpoint.manager(tmp_path, 5)
+  mngr.delete(6)
+  mngr.close()
+  state, _, _ = _run(tmp_path, steps=6)
+  steps = [r["step"] for r in runlog.read_metrics(tmp_path)]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_array_equal(state.w, np.full(3, 6.0))
+
+
+def test_epoch_batch_indices_cover_each_epoch_once():
+  key = jax.random.PRNGKey(0)
+  epoch0 = np.concatenate([loop.epoch_batch_indices(key, s, 10, 3) for s in range(3)])
+  assert len(set(epoch0.tolist())) == 9  # 3 batches of 3, one example dropped
+  epoch1 = np.concatenate([loop.epoch_batch_indices(key, s, 10, 3) for s in range(3, 6)])
+  assert not np.array_equal(epoch0, epoch1)  # reshuffled
+  np.testing.assert_array_equal(loop.epoch_batch_indices(key, 4, 10, 3),
+                                loop.epoch_batch_indices(key, 4, 10, 3))
