@@ -1,0 +1,191 @@
+"""FID sources: image sets or precomputed statistics, named by one string.
+
+A source is
+  - a stats `.npz` with `mu` and `sigma` (as `fid-stats` and pytorch-fid write);
+  - an `.npz` with a uint8 NHWC `images` array;
+  - a dataset name the data layer knows (cifar100, cifar10, synthetic), with a split;
+  - a CIFAR archive (cifar-*-python folder or .tar.gz), read by the data layer;
+  - any folder or `.zip` of images, searched recursively in sorted path order,
+    decoded with PIL `convert('RGB')` as pytorch-fid does; no labels needed.
+"""
+
+import hashlib
+import io
+import json
+import pathlib
+import zipfile
+
+import numpy as np
+
+from cifarjax.fid import features as features_lib
+from cifarjax.fid import stats as stats_lib
+from cifarjax.fid import weights as weights_lib
+
+IMAGE_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+DATASET_NAMES = ("cifar100", "cifar10", "synthetic")  # cifarjax.data's names
+
+
+def _decode(raw: bytes, name: str) -> np.ndarray:
+  from PIL import Image
+  try:
+    with Image.open(io.BytesIO(raw)) as im:
+      return np.asarray(im.convert("RGB"))
+  except Exception as e:
+    raise ValueError(f"cannot decode image {name}: {e}") from e
+
+
+def _stack(images, names, where) -> np.ndarray:
+  if not images:
+    raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {where}")
+  first = images[0].shape
+  for im, name in zip(images, names):
+    if im.shape != first:
+      raise ValueError(f"images under {where} differ in size: {names[0]} is {first[1]}x{first[0]}, "
+                       f"{name} is {im.shape[1]}x{im.shape[0]}; FID needs one size")
+  return np.stack(images).astype(np.uint8)
+
+
+def read_images(path) -> np.ndarray:
+  """uint8 (N, H, W, 3) of every image in a folder or .zip, recursively, sorted by path."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"no such folder or zip of images: {path}")
+  if path.is_dir():
+    files = sorted(p for p in path.rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    names = [p.relative_to(path).as_posix() for p in files]
+    return _stack([_decode(p.read_bytes(), str(p)) for p in files], names, path)
+  if zipfile.is_zipfile(path):
+    with zipfile.ZipFile(path) as zf:
+      names = sorted(n for n in zf.namelist()
+                     if not n.endswith("/") and pathlib.PurePosixPath(n).suffix.lower()
+                     in IMAGE_SUFFIXES)
+      return _stack([_decode(zf.read(n), f"{path}:{n}") for n in names], names, path)
+  raise ValueError(f"{path} is neither a folder nor a .zip of images")
+
+
+def _is_cifar_archive(path: pathlib.Path) -> bool:
+  if path.name.endswith((".tar.gz", ".tgz")):
+    return True
+  return path.is_dir() and any((path / f).exists() for f in ("meta", "batches.meta"))
+
+
+def load_source(source, split: str = "train"):
+  """("stats", (mu, sigma)) or ("images", uint8 NHWC array) for a source string or array."""
+  if isinstance(source, np.ndarray):
+    return "images", source
+  source = str(source)
+  if source in DATASET_NAMES:
+    from cifarjax.data import load_split  # lazy: the data layer is heavy (tfds)
+    return "images", load_split(source, split).images
+  path = pathlib.Path(source).expanduser()
+  if not path.exists():
+    raise FileNotFoundError(
+        f"FID source {source!r} is not a dataset name ({', '.join(DATASET_NAMES)}) nor an "
+        f"existing .npz, folder or .zip of images")
+  if path.suffix == ".npz":
+    with np.load(path, allow_pickle=False) as npz:
+      if "mu" in npz.files and "sigma" in npz.files:
+        return "stats", (npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64))
+      if "images" in npz.files:
+        return "images", npz["images"]
+      raise ValueError(f"{path} holds neither FID statistics (mu, sigma) nor images "
+                       f"(a uint8 'images' array); it has {', '.join(npz.files) or 'nothing'}")
+  if _is_cifar_archive(path):
+    from cifarjax.data import load_split
+    return "images", load_split(str(path), split).images
+  return "images", read_images(path)
+
+
+def stats_from_images(images, variables, batch_size=features_lib.DEFAULT_BATCH_SIZE, mesh=None,
+                      progress=True):
+  """(mu, sigma) float64 of the pool3 features of uint8 NHWC images."""
+  acts = features_lib.extract_features(images, variables, batch_size, mesh, progress)
+  return stats_lib.activation_statistics(acts)
+
+
+def as_variables(weights):
+  """FIDInception variables from a weights path, None (the default file) or variables."""
+  if isinstance(weights, dict):
+    return weights
+  return weights_lib.load_inception_params(weights)
+
+
+def _stats(loaded, variables_box, weights, batch_size, mesh, progress):
+  kind, value = loaded
+  if kind == "stats":
+    return value
+  if not variables_box:  # weights are read once, and only where images need them
+    variables_box.append(as_variables(weights))
+  return stats_from_images(value, variables_box[0], batch_size, mesh, progress)
+
+
+def stats_from_source(source, split: str = "train", weights=None,
+                      batch_size=features_lib.DEFAULT_BATCH_SIZE, mesh=None, progress=True):
+  """(mu, sigma) of a source (see the module docstring); `weights` as in `as_variables`."""
+  return _stats(load_source(source, split), [], weights, batch_size, mesh, progress)
+
+
+def fid_from_sources(source_a, source_b, split: str = "train", weights=None,
+                     batch_size=features_lib.DEFAULT_BATCH_SIZE, mesh=None,
+                     progress=True) -> float:
+  """FID between two sources (image sets or stats files), as `python -m pytorch_fid A B`."""
+  box = []
+  mu1, sigma1 = _stats(load_source(source_a, split), box, weights, batch_size, mesh, progress)
+  mu2, sigma2 = _stats(load_source(source_b, split), box, weights, batch_size, mesh, progress)
+  return stats_lib.frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+def compute_fid(images, reference, weights=None, batch_size=features_lib.DEFAULT_BATCH_SIZE,
+                mesh=None, progress=True) -> float:
+  """FID of uint8 NHWC `images` against `reference`: images, (mu, sigma), or a source string."""
+  box = []
+  mu1, sigma1 = _stats(("images", images), box, weights, batch_size, mesh, progress)
+  if isinstance(reference, tuple):
+    mu2, sigma2 = reference
+  else:
+    mu2, sigma2 = _stats(load_source(reference), box, weights, batch_size, mesh, progress)
+  return stats_lib.frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+def _source_key(dataset: str) -> str:
+  """Cache-file stem for a dataset name, or for a path (its location, size and mtime)."""
+  if dataset in DATASET_NAMES:
+    return dataset
+  path = pathlib.Path(dataset).expanduser().resolve()
+  st = path.stat()
+  ident = json.dumps([str(path), st.st_size, st.st_mtime_ns])
+  safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.name)
+  return f"{safe}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def reference_stats_path(dataset: str, split: str, weights_sha256: str) -> pathlib.Path:
+  return (weights_lib.cache_dir() / "fid_stats"
+          / f"{_source_key(dataset)}-{split}-{weights_sha256[:16]}.npz")
+
+
+def reference_stats(dataset: str = "cifar100", split: str = "train", weights=None,
+                    batch_size=features_lib.DEFAULT_BATCH_SIZE, mesh=None, progress=True):
+  """(mu, sigma) of a dataset split, computed once per machine and cached.
+
+  The cache file (in `cache_dir()/fid_stats`) is keyed by the dataset, the split
+  and the weights file's sha256, so other weights never reuse stale statistics.
+  """
+  path = weights_lib.resolve_weights_path(weights)
+  cached = reference_stats_path(dataset, split, weights_lib.file_sha256(path))
+  if cached.is_file():
+    with np.load(cached, allow_pickle=False) as npz:
+      return npz["mu"], npz["sigma"]
+  mu, sigma = stats_from_source(dataset, split, weights=path, batch_size=batch_size, mesh=mesh,
+                                progress=progress)
+  save_stats(cached, mu, sigma)
+  return mu, sigma
+
+
+def save_stats(path, mu, sigma):
+  """Writes `mu` and `sigma` to an .npz (atomically: concurrent readers see whole files)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".part.npz")
+  np.savez(tmp, mu=mu, sigma=sigma)
+  tmp.replace(path)

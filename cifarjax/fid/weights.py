@@ -1,0 +1,217 @@
+"""Finding, checking and loading the FID Inception weights.
+
+Accepted files hold pytorch-fid's state dict (`Mixed_5b.branch1x1.conv.weight`,
+...): an `.npz` of those arrays, or pytorch-fid's release file
+`pt_inception-2015-12-05-6726825d.pth` (read without torch, see torch_file.py).
+Where no file is named, `CIFARJAX_FID_WEIGHTS` names one; failing that, the
+release file is downloaded once into the cache directory.
+"""
+
+import functools
+import hashlib
+import os
+import pathlib
+import tempfile
+import urllib.request
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+WEIGHTS_ENV = "CIFARJAX_FID_WEIGHTS"
+CACHE_ENV = "CIFARJAX_CACHE"
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")
+WEIGHTS_FILENAME = WEIGHTS_URL.rsplit("/", 1)[1]
+# pytorch-fid names its release file after the first 8 hex digits of the file's
+# sha256 (torch.hub's convention); that prefix is all there is to check against.
+WEIGHTS_SHA256_PREFIX = "6726825d"
+
+# State-dict entries that the pool3 network does not use: the 1008-way logits
+# layer, torchvision's auxiliary classifier and BatchNorm's step counters.
+IGNORED_PREFIXES = ("fc.", "AuxLogits.")
+IGNORED_SUFFIXES = (".num_batches_tracked",)
+
+_TORCH_TO_FLAX = {  # last two torch name parts -> (collection, flax leaf)
+    ("conv", "weight"): ("params", "kernel"),
+    ("bn", "weight"): ("params", "scale"),
+    ("bn", "bias"): ("params", "bias"),
+    ("bn", "running_mean"): ("batch_stats", "mean"),
+    ("bn", "running_var"): ("batch_stats", "var"),
+}
+_FLAX_TO_TORCH = {v: k for k, v in _TORCH_TO_FLAX.items()}
+
+
+def cache_dir() -> pathlib.Path:
+  """`$CIFARJAX_CACHE`, else ~/.cache/cifarjax."""
+  return pathlib.Path(os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache" / "cifarjax")
+
+
+def _offline_hint():
+  return (f"pass --weights PATH (weights=PATH in Python) or set {WEIGHTS_ENV} to a local copy of "
+          f"{WEIGHTS_FILENAME} or of an .npz with pytorch-fid's state-dict keys")
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+  del size, mtime_ns  # cache keys only: a rewritten file is hashed again
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def file_sha256(path) -> str:
+  path = pathlib.Path(path).resolve()
+  st = path.stat()
+  return _sha256_cached(str(path), st.st_size, st.st_mtime_ns)
+
+
+def download_weights(dest_dir=None, url=WEIGHTS_URL) -> pathlib.Path:
+  """Downloads pytorch-fid's release file into the cache, checking its sha256 prefix."""
+  dest_dir = pathlib.Path(dest_dir or cache_dir())
+  dest = dest_dir / WEIGHTS_FILENAME
+  dest_dir.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=dest_dir, suffix=".part")
+  os.close(fd)
+  try:
+    try:
+      urllib.request.urlretrieve(url, tmp)
+    except Exception as e:  # URLError, HTTPError, timeouts, OSError
+      raise FileNotFoundError(
+          f"no FID Inception weights: downloading {url} failed ({e}); offline, "
+          f"{_offline_hint()}") from e
+    digest = file_sha256(tmp)
+    if not digest.startswith(WEIGHTS_SHA256_PREFIX):
+      raise ValueError(f"downloaded {url} has sha256 {digest}, expected it to start with "
+                       f"{WEIGHTS_SHA256_PREFIX}; not keeping it")
+    os.replace(tmp, dest)  # atomic: concurrent processes never see a partial file
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return dest
+
+
+def resolve_weights_path(path=None, download: bool = True) -> pathlib.Path:
+  """The weights file to use: `path`, else $CIFARJAX_FID_WEIGHTS, else the cached download."""
+  if path is not None:
+    path = pathlib.Path(path).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(f"FID weights file {path} does not exist; {_offline_hint()}")
+    return path
+  if os.environ.get(WEIGHTS_ENV):
+    path = pathlib.Path(os.environ[WEIGHTS_ENV]).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(
+          f"{WEIGHTS_ENV}={path} does not exist; point {WEIGHTS_ENV} at a local copy of "
+          f"{WEIGHTS_FILENAME} or of an .npz with pytorch-fid's state-dict keys, or unset it to "
+          f"download {WEIGHTS_URL}")
+    return path
+  cached = cache_dir() / WEIGHTS_FILENAME
+  if cached.is_file():
+    if not file_sha256(cached).startswith(WEIGHTS_SHA256_PREFIX):
+      raise ValueError(f"cached FID weights {cached} fail their sha256 check; delete the file")
+    return cached
+  if not download:
+    raise FileNotFoundError(f"no FID Inception weights in {cached.parent}; {_offline_hint()}")
+  return download_weights()
+
+
+def read_state_dict(path) -> dict[str, np.ndarray]:
+  """{torch name: array} from an .npz or a torch.save file (neither runs pickled code)."""
+  path = pathlib.Path(path)
+  with open(path, "rb") as f:
+    is_npz = f.read(4) == b"PK\x03\x04" and path.suffix == ".npz"
+  if is_npz:
+    with np.load(path, allow_pickle=False) as npz:
+      return {k: npz[k] for k in npz.files}
+  from cifarjax.fid.torch_file import load_torch_state_dict
+  return load_torch_state_dict(path)
+
+
+@functools.lru_cache(maxsize=1)
+def variable_shapes():
+  """The FIDInception variables' shapes: {'params': ..., 'batch_stats': ...}."""
+  from cifarjax.fid.inception import FIDInception
+  x = jax.ShapeDtypeStruct((1, 299, 299, 3), jnp.float32)
+  shapes = jax.eval_shape(
+      lambda x: FIDInception().init(jax.random.key(0), x, preprocessed=True), x)
+  return jax.tree.map(lambda s: s.shape, shapes)
+
+
+def _flax_to_torch_shape(leaf, shape):
+  return (shape[3], shape[2], shape[0], shape[1]) if leaf == "kernel" else shape
+
+
+def expected_torch_shapes() -> dict[str, tuple]:
+  """{torch state-dict name: shape} that FIDInception needs."""
+  out = {}
+  for collection, tree in variable_shapes().items():
+    for path, shape in jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, tuple))[0]:
+      keys = [p.key for p in path]
+      *layer, module, leaf = keys
+      torch_module, torch_leaf = _FLAX_TO_TORCH[(collection, leaf)]
+      assert module == torch_module, keys
+      out[".".join([*layer, module, torch_leaf])] = _flax_to_torch_shape(leaf, tuple(shape))
+  return out
+
+
+def _ignored(name):
+  return name.startswith(IGNORED_PREFIXES) or name.endswith(IGNORED_SUFFIXES)
+
+
+def variables_from_state_dict(state_dict, source="state dict"):
+  """pytorch-fid state dict -> FIDInception variables (float32, HWIO kernels).
+
+  Raises a ValueError listing missing, unexpected and misshapen entries.
+  """
+  expected = expected_torch_shapes()
+  missing = sorted(set(expected) - set(state_dict))
+  unexpected = sorted(k for k in set(state_dict) - set(expected) if not _ignored(k))
+  misshapen = [f"{k}: expected {expected[k]}, got {tuple(np.shape(state_dict[k]))}"
+               for k in sorted(set(expected) & set(state_dict))
+               if tuple(np.shape(state_dict[k])) != expected[k]]
+  problems = []
+  for what, items in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+    if items:
+      more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+      problems.append(f"{len(items)} {what} ({'; '.join(items[:5])}{more})")
+  if problems:
+    raise ValueError(f"{source} is not pytorch-fid's FID Inception state dict: "
+                     + ", ".join(problems))
+
+  variables = {"params": {}, "batch_stats": {}}
+  for name in expected:
+    *layer, module, torch_leaf = name.split(".")
+    collection, leaf = _TORCH_TO_FLAX[(module, torch_leaf)]
+    value = np.asarray(state_dict[name], np.float32)
+    if leaf == "kernel":
+      value = value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    node = variables[collection]
+    for key in [*layer, module]:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return variables
+
+
+def load_inception_params(path=None, download: bool = True):
+  """FIDInception variables from `path` (see `resolve_weights_path` for the default)."""
+  path = resolve_weights_path(path, download)
+  return variables_from_state_dict(read_state_dict(path), source=str(path))
+
+
+def random_variables(seed: int = 0):
+  """Variables of the right shapes and plausible scales, for benchmarks without weights."""
+  rng = np.random.default_rng(seed)
+  state_dict = {}
+  for name, shape in expected_torch_shapes().items():
+    if name.endswith("conv.weight"):
+      fan_in = int(np.prod(shape[1:]))
+      state_dict[name] = rng.normal(0, np.sqrt(2 / fan_in), shape).astype(np.float32)
+    elif name.endswith(("running_var", "bn.weight")):
+      state_dict[name] = np.ones(shape, np.float32)
+    else:
+      state_dict[name] = np.zeros(shape, np.float32)
+  return variables_from_state_dict(state_dict, source="random weights")
