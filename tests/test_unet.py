@@ -1,0 +1,140 @@
+"""The conditional U-Net: the paper's parameter count, shapes, per-example independence, and that it learns."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cifarjax import diffusion
+from cifarjax.models.unet import UNet, count_params, num_groups, paper_unet
+
+NUM_CLASSES = 10
+NUM_TIMESTEPS = 20
+
+
+def tiny_unet():
+  return UNet(num_classes=NUM_CLASSES, num_timesteps=NUM_TIMESTEPS, base_channels=8,
+              channel_mults=(1, 2), blocks_per_level=1, embed_hidden=16)
+
+
+def inputs(batch, size=16, seed=0):
+  kx, kt, ky = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (batch, size, size, 3))
+  t = jax.random.randint(kt, (batch,), 0, NUM_TIMESTEPS)
+  labels = jax.random.randint(ky, (batch,), 0, NUM_CLASSES + 1)
+  return x, t, labels
+
+
+def quick_init(model, *args, seed=0):
+  """Parameters shaped as model.init makes them, drawn with numpy.
+
+  Kernels ~ N(0, 1/fan_in) (LeCun, as flax's default), embeddings ~ N(0, 1/width),
+  norm scales 1, biases 0. Compiling model.init costs tens of seconds on a
+  busy CPU (one truncated-normal sampler per parameter); this costs none.
+  """
+  shapes = jax.eval_shape(model.init, jax.random.key(0), *args)
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      std = 1 / np.sqrt(np.prod(leaf.shape[:-1]))
+    elif name == "embedding":
+      std = 1 / np.sqrt(leaf.shape[-1])
+    elif name == "scale":
+      return jnp.ones(leaf.shape, leaf.dtype)
+    else:
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    return jnp.asarray(rng.normal(scale=std, size=leaf.shape), leaf.dtype)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """(model, params, jitted apply) for a U-Net small enough to train in seconds."""
+  model = tiny_unet()
+  return model, quick_init(model, *inputs(1)), jax.jit(model.apply)
+
+
+def test_paper_unet_parameter_count_and_output_shape():
+  model = paper_unet(num_classes=100)
+  x, t, labels = jnp.zeros((2, 32, 32, 3)), jnp.zeros((2,), jnp.int32), jnp.full((2,), 100)
+  params = jax.eval_shape(model.init, jax.random.key(0), x, t, labels)
+  assert count_params(params) == 996_859  # the paper: 996,863
+  assert count_params(params) < 1_000_000
+  # num_classes + 1 label rows: the last is the classifier-free guidance "null" label.
+  tables = [v for k, v in jax.tree_util.tree_leaves_with_path(params) if k[-1].key == "embedding"]
+  assert len(tables) == 7 and all(v.shape[0] == 101 for v in tables)
+  eps = jax.eval_shape(model.apply, params, x, t, labels)
+  assert (eps.shape, eps.dtype) == ((2, 32, 32, 3), jnp.float32)
+
+
+def test_num_groups_divides_channels():
+  assert num_groups(64) == 8
+  assert num_groups(42) == 7
+  assert num_groups(84) == 7
+  assert num_groups(5) == 5
+  assert num_groups(11) == 1
+
+
+def test_count_params():
+  assert count_params({"a": jnp.zeros((3, 4)), "b": {"c": jnp.zeros(5)}}) == 17
+
+
+def test_output_shape_and_dtype(tiny):
+  _, params, apply = tiny
+  x, t, labels = inputs(4)
+  labels = labels.at[0].set(NUM_CLASSES)  # the null label is a valid input
+  eps = apply(params, x, t, labels)
+  chex.assert_shape(eps, x.shape)
+  chex.assert_type(eps, jnp.float32)
+  chex.assert_tree_all_finite(eps)
+
+
+def test_conditioning_changes_output(tiny):
+  _, params, apply = tiny
+  x, t, labels = inputs(4)
+  base = apply(params, x, t, labels)
+  assert not np.allclose(base, apply(params, x, t, (labels + 1) % NUM_CLASSES))
+  assert not np.allclose(base, apply(params, x, (t + 7) % NUM_TIMESTEPS, labels))
+
+
+def test_examples_do_not_interact(tiny):
+  """GroupNorm, not BatchNorm: an example's output does not depend on the rest of its batch."""
+  _, params, apply = tiny
+  x, t, labels = inputs(4)
+  other_x, other_t, other_labels = inputs(4, seed=1)
+  mixed = apply(params, x.at[1:].set(other_x[1:]), t.at[1:].set(other_t[1:]),
+                labels.at[1:].set(other_labels[1:]))
+  # Only float rounding differs (XLA may pick other conv algorithms per batch).
+  np.testing.assert_allclose(mixed[0], apply(params, x, t, labels)[0], atol=1e-4)
+
+
+def test_tiny_unet_overfits_a_small_batch(tiny):
+  model, params, _ = tiny
+  schedule = diffusion.linear_schedule(NUM_TIMESTEPS)
+  x0, t, labels = inputs(4, size=8)
+  x0 = jnp.tanh(x0)
+  noise = jax.random.normal(jax.random.key(1), x0.shape)
+  x_t = diffusion.q_sample(schedule, x0, t, noise)
+  # One flat parameter vector: one update kernel to compile instead of one per leaf.
+  optimizer = optax.flatten(optax.adam(1e-2))
+
+  def loss_fn(params):
+    return diffusion.diffusion_loss(model.apply(params, x_t, t, labels), noise)
+
+  @jax.jit
+  def train_step(params, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = optimizer.init(params)
+  losses = []
+  for _ in range(40):
+    params, opt_state, loss = train_step(params, opt_state)
+    losses.append(float(loss))
+  assert np.isfinite(losses).all()
+  assert losses[-1] < 0.5 * losses[0], losses
