@@ -1,0 +1,329 @@
+"""Diffusion math: schedules in closed form, forward noising, reverse steps, samplers, inversion."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import expit
+
+from cifarjax import diffusion
+from cifarjax.models.unet import UNet
+
+T = 1000
+DATA_STD = 0.5  # of the Gaussian toy data whose exact noise predictor is known
+NULL_LABEL = 10
+
+
+@pytest.fixture(scope="module")
+def linear():
+  return diffusion.linear_schedule(T)
+
+
+@pytest.fixture(scope="module")
+def sigmoid():
+  return diffusion.sigmoid_schedule(T)
+
+
+def gaussian_eps_fn(schedule, data_std=DATA_STD):
+  """The exact E[eps | x_t] when x_0 ~ N(mean(label), data_std^2 I): a closed-form stand-in for a model.
+
+  mean(label) = 0.2 label, and 0 for the null label 10.
+  """
+  def eps_fn(x, t, labels):
+    shape = t.shape + (1,) * (x.ndim - 1)
+    a = schedule.alphas_cumprod[t].reshape(shape)
+    mean = jnp.where(labels == NULL_LABEL, 0.0, 0.2 * labels).reshape(shape)
+    return jnp.sqrt(1 - a) * (x - jnp.sqrt(a) * mean) / (a * data_std**2 + 1 - a)
+  return eps_fn
+
+
+# Schedules.
+
+def test_linear_schedule_endpoints(linear):
+  chex.assert_shape(linear.betas, (T,))
+  assert linear.betas.dtype == jnp.float32
+  assert linear.betas[0] == np.float32(1e-4)
+  assert linear.betas[-1] == np.float32(0.02)
+  np.testing.assert_allclose(np.diff(np.asarray(linear.betas, np.float64)), 0.0199 / 999, rtol=1e-3)
+  np.testing.assert_allclose(linear.alphas_cumprod[0], 1 - 1e-4, rtol=1e-7)
+  np.testing.assert_allclose(linear.alphas_cumprod[-1], np.prod(1 - np.linspace(1e-4, 0.02, T)),
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linear", "sigmoid"])
+def test_alpha_bar_decreases_from_one_to_zero(name, request):
+  schedule = request.getfixturevalue(name)
+  a = np.asarray(schedule.alphas_cumprod)
+  assert (np.diff(a) < 0).all()
+  assert 0.999 < a[0] < 1 and 0 < a[-1] < 1e-4
+  assert schedule.num_timesteps == T
+  np.testing.assert_allclose(schedule.alphas_cumprod_prev, np.append(1.0, a[:-1]))
+  np.testing.assert_allclose(schedule.sqrt_alphas_cumprod**2, a, rtol=1e-6)
+  np.testing.assert_allclose(schedule.sqrt_one_minus_alphas_cumprod**2, 1 - a, rtol=1e-5, atol=1e-7)
+
+
+def test_sigmoid_alpha_bar_is_gamma(sigmoid):
+  """alphabar_t = gamma((t + 1) / T), Jabri et al.'s formula, written out here again."""
+  s = np.arange(1, T + 1) / T
+  gamma = (expit(3.0) - expit(6.0 * s - 3.0)) / (expit(3.0) - expit(-3.0))
+  a = np.asarray(sigmoid.alphas_cumprod, np.float64)
+  np.testing.assert_allclose(a[:-1], gamma[:-1], rtol=1e-5)
+  # At s = 1 gamma is 0 (clipped to 1e-9); the last beta is clipped to 0.999 instead.
+  assert sigmoid.betas[-1] == np.float32(0.999)
+  assert (np.asarray(sigmoid.betas[:-1]) < 0.999).all()
+  np.testing.assert_allclose(a[-1], gamma[-2] * 0.001, rtol=1e-4)
+
+
+def test_sigmoid_gamma_endpoints():
+  np.testing.assert_allclose(diffusion.sigmoid_gamma([0.0, 0.5, 1.0]), [1.0, 0.5, 1e-9], rtol=1e-12)
+
+
+@pytest.mark.parametrize("t", [1, 500])
+def test_posterior_coefficients_by_hand(linear, t):
+  beta = lambda i: 1e-4 + i * (0.02 - 1e-4) / (T - 1)
+  abar = lambda i: np.prod([1 - beta(j) for j in range(i + 1)])
+  var = beta(t) * (1 - abar(t - 1)) / (1 - abar(t))
+  np.testing.assert_allclose(linear.posterior_variance[t], var, rtol=1e-5)
+  np.testing.assert_allclose(linear.posterior_log_variance_clipped[t], np.log(var), rtol=1e-5)
+  np.testing.assert_allclose(linear.posterior_mean_coef1[t],
+                             beta(t) * np.sqrt(abar(t - 1)) / (1 - abar(t)), rtol=1e-5)
+  np.testing.assert_allclose(linear.posterior_mean_coef2[t],
+                             (1 - abar(t - 1)) * np.sqrt(1 - beta(t)) / (1 - abar(t)), rtol=1e-5)
+
+
+def test_posterior_at_t0(linear):
+  """q(x_{-1} | x_0, x_0) is x_0 itself: no variance, mean coefficient 1 on x_0."""
+  assert linear.posterior_variance[0] == 0
+  np.testing.assert_allclose(linear.posterior_mean_coef1[0], 1.0, rtol=1e-6)
+  assert linear.posterior_mean_coef2[0] == 0
+  assert linear.posterior_log_variance_clipped[0] == linear.posterior_log_variance_clipped[1]
+
+
+# Forward process and loss.
+
+def test_q_sample_statistics(sigmoid):
+  x0 = jnp.full((3, 100_000), 0.7)
+  t = jnp.array([0, 300, 900])
+  noise = jax.random.normal(jax.random.key(0), x0.shape)
+  x_t = jax.jit(diffusion.q_sample)(sigmoid, x0, t, noise)  # the schedule is a pytree argument
+  a = np.asarray(sigmoid.alphas_cumprod)[np.asarray(t)]
+  np.testing.assert_allclose(x_t.mean(axis=1), np.sqrt(a) * 0.7, atol=0.01)
+  np.testing.assert_allclose(x_t.var(axis=1), 1 - a, rtol=0.02, atol=1e-4)
+
+
+def test_diffusion_loss():
+  eps = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+  assert diffusion.diffusion_loss(eps, eps) == 0
+  np.testing.assert_allclose(diffusion.diffusion_loss(eps, jnp.zeros_like(eps)), 7.5)
+
+
+def test_drop_labels():
+  labels = jnp.arange(8, dtype=jnp.int32)
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(diffusion.drop_labels(key, labels, 100, 0.0), labels)
+  np.testing.assert_array_equal(diffusion.drop_labels(key, labels, 100, 1.0), 100)
+  dropped = diffusion.drop_labels(key, jnp.zeros(10_000, jnp.int32), 100, 0.1)
+  assert dropped.dtype == jnp.int32
+  assert 0.08 < float(jnp.mean(dropped == 100)) < 0.12
+
+
+# Reverse steps.
+
+def _step_inputs(shape=(4, 8, 8, 3)):
+  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+  return (jax.random.normal(k1, shape), jax.random.normal(k2, shape), jax.random.normal(k3, shape))
+
+
+def test_ddim_eta0_is_deterministic(sigmoid):
+  eps, x_t, z = _step_inputs()
+  t = jnp.full((4,), 500)
+  step = functools.partial(diffusion.ddim_step, sigmoid, eps, x_t, t, t - 100, 0.0)
+  np.testing.assert_array_equal(step(z), step(None))
+  np.testing.assert_array_equal(step(z), step(-z))
+
+
+@pytest.mark.parametrize("name", ["linear", "sigmoid"])
+@pytest.mark.parametrize("t", [0, 1, 10, 500, 998, 999])
+def test_ddim_eta1_one_step_is_the_ancestral_step(name, t, request):
+  """With sigma^2 = posterior variance both are the same Gaussian, noise draw included."""
+  schedule = request.getfixturevalue(name)
+  eps, x_t, z = _step_inputs()
+  tt = jnp.full((4,), t)
+  ddpm = diffusion.ddpm_step(schedule, eps, x_t, tt, z)
+  ddim = diffusion.ddim_step(schedule, eps, x_t, tt, tt - 1, eta=1.0, noise=z)
+  np.testing.assert_allclose(ddim, ddpm, rtol=1e-4, atol=1e-4)
+
+
+def test_ddpm_step_adds_no_noise_at_t0(linear):
+  eps, x_t, z = _step_inputs()
+  t = jnp.zeros((4,), jnp.int32)
+  np.testing.assert_array_equal(diffusion.ddpm_step(linear, eps, x_t, t, z),
+                                diffusion.ddpm_step(linear, eps, x_t, t, jnp.zeros_like(z)))
+  # The clean image x_0 = (x_t - sqrt(1 - alphabar_0) eps) / sqrt(alphabar_0).
+  a0 = linear.alphas_cumprod[0]
+  np.testing.assert_allclose(diffusion.ddpm_step(linear, eps, x_t, t, z),
+                             (x_t - jnp.sqrt(1 - a0) * eps) / jnp.sqrt(a0), atol=1e-5)
+
+
+def test_ddpm_step_with_the_true_noise_is_the_posterior_mean(linear):
+  """Given the exact eps, the step's mean is q(x_{t-1} | x_t, x_0)'s mean (DDPM eq. 7)."""
+  x0, eps, _ = _step_inputs()
+  t = jnp.array([1, 10, 400, 999])
+  x_t = diffusion.q_sample(linear, x0, t, eps)
+  mean = diffusion.ddpm_step(linear, eps, x_t, t, jnp.zeros_like(x0))
+  c1 = linear.posterior_mean_coef1[t][:, None, None, None]
+  c2 = linear.posterior_mean_coef2[t][:, None, None, None]
+  np.testing.assert_allclose(mean, c1 * x0 + c2 * x_t, rtol=1e-3, atol=1e-3)
+
+
+def test_sampling_timesteps():
+  np.testing.assert_array_equal(diffusion.sampling_timesteps(1000, 4), [999, 666, 333, 0])
+  np.testing.assert_array_equal(diffusion.sampling_timesteps(5, 5), [4, 3, 2, 1, 0])
+  np.testing.assert_array_equal(diffusion.sampling_timesteps(1000, 1), [999])
+  assert len(set(diffusion.sampling_timesteps(1000, 999))) == 999
+  with pytest.raises(ValueError):
+    diffusion.sampling_timesteps(10, 11)
+
+
+# Samplers, with the exact noise predictor of Gaussian data.
+
+GAUSSIAN_SHAPE = (4, 4, 1)
+NUM_GAUSSIAN_SAMPLES = 512
+
+
+@pytest.fixture(scope="module")
+def gaussian_samplers(sigmoid):
+  """Jitted (rng, labels[, guidance]) -> samples of the Gaussian toy data, compiled once per module."""
+  def make(sampler, num_steps, guided=False):
+    def run(rng, labels, guidance=0.0):
+      return diffusion.sample(gaussian_eps_fn(sigmoid), sigmoid, rng, labels,
+                              image_shape=GAUSSIAN_SHAPE, sampler=sampler, num_steps=num_steps,
+                              guidance=guidance, null_label=NULL_LABEL)
+    return jax.jit(run) if guided else jax.jit(lambda rng, labels: run(rng, labels))
+  return {"ddpm": make("ddpm", None), "ddim": make("ddim", 50),
+          "guided ddim": make("ddim", 50, guided=True)}
+
+
+def _labels(label):
+  return jnp.full((NUM_GAUSSIAN_SAMPLES,), label, jnp.int32)
+
+
+@pytest.mark.parametrize("sampler,tolerance", [("ddpm", 0.03), ("ddim", 0.08)])
+@pytest.mark.parametrize("label", [0, 2])
+def test_samplers_recover_gaussian_data(gaussian_samplers, sampler, tolerance, label):
+  run = gaussian_samplers[sampler]
+  x = run(jax.random.key(0), _labels(label))
+  chex.assert_shape(x, (NUM_GAUSSIAN_SAMPLES,) + GAUSSIAN_SHAPE)
+  chex.assert_type(x, jnp.float32)
+  assert abs(float(x.std()) - DATA_STD) < tolerance * DATA_STD
+  assert abs(float(x.mean()) - 0.2 * label) < 0.03
+  np.testing.assert_array_equal(run(jax.random.key(0), _labels(label)), x)  # determinism per seed
+  assert not np.allclose(run(jax.random.key(1), _labels(label)), x)
+
+
+def test_guidance_zero_is_unguided(gaussian_samplers):
+  unguided = gaussian_samplers["ddim"](jax.random.key(0), _labels(2))
+  guided = gaussian_samplers["guided ddim"](jax.random.key(0), _labels(2), 0.0)
+  np.testing.assert_allclose(guided, unguided, atol=1e-5)
+
+
+def test_guidance_extrapolates_away_from_the_null_label(gaussian_samplers):
+  """With Gaussian data, (1 + w) eps(x, y) - w eps(x, null) is the noise of data with mean (1 + w) mean(y)."""
+  guided = gaussian_samplers["guided ddim"](jax.random.key(0), _labels(2), 1.0)
+  assert abs(float(guided.mean()) - 2 * 0.4) < 0.03
+  assert abs(float(guided.std()) - DATA_STD) < 0.08 * DATA_STD
+
+
+def test_ddim_inversion_round_trip(sigmoid):
+  x0 = DATA_STD * jax.random.normal(jax.random.key(2), (8,) + GAUSSIAN_SHAPE)
+  labels = jnp.zeros((8,), jnp.int32)
+  eps_fn = gaussian_eps_fn(sigmoid)
+
+  @jax.jit
+  def round_trip(x0):
+    latents = diffusion.ddim_invert(eps_fn, sigmoid, x0, labels, num_steps=T)
+    return latents, diffusion.sample(eps_fn, sigmoid, jax.random.key(3), labels,
+                                     image_shape=GAUSSIAN_SHAPE, sampler="ddim", num_steps=T,
+                                     x_T=latents)
+
+  latents, x0_again = round_trip(x0)
+  assert 0.8 < float(latents.std()) < 1.2  # latents look like the N(0, I) the sampler starts from
+  np.testing.assert_allclose(x0_again, x0, atol=0.02)
+
+
+def test_sample_rejects_bad_arguments(linear):
+  eps_fn = gaussian_eps_fn(linear)
+  labels = jnp.zeros((2,), jnp.int32)
+  with pytest.raises(ValueError, match="ddim"):
+    diffusion.sample(eps_fn, linear, jax.random.key(0), labels, sampler="ddpm", num_steps=10)
+  with pytest.raises(ValueError, match="sampler"):
+    diffusion.sample(eps_fn, linear, jax.random.key(0), labels, sampler="euler")
+  with pytest.raises(ValueError, match="null_label"):
+    diffusion.sample(eps_fn, linear, jax.random.key(0), labels, guidance=1.0)
+
+
+# Samplers driving a tiny U-Net.
+
+NUM_CLASSES = 10
+UNET_T = 20
+UNET_SHAPE = (8, 8, 3)
+
+
+@pytest.fixture(scope="module")
+def unet_sampler():
+  """A jitted DDIM sampler (eta = 1) over a tiny U-Net with random parameters."""
+  model = UNet(num_classes=NUM_CLASSES, num_timesteps=UNET_T, base_channels=8,
+               channel_mults=(1, 2), blocks_per_level=1, embed_hidden=16)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1,) + UNET_SHAPE),
+                          jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+  # Random parameters drawn with numpy: compiling model.init is slow on a CPU.
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda leaf: jnp.asarray(0.3 * rng.normal(size=leaf.shape), jnp.float32), shapes)
+  eps_fn = functools.partial(model.apply, params)
+  schedule = diffusion.linear_schedule(UNET_T)
+  return jax.jit(lambda rng, labels: diffusion.sample(
+      eps_fn, schedule, rng, labels, image_shape=UNET_SHAPE, sampler="ddim", num_steps=4, eta=1.0))
+
+
+def test_unet_sampler_shape_dtype_and_seeds(unet_sampler):
+  labels = jnp.array([0, 3, 7], jnp.int32)
+  x = unet_sampler(jax.random.key(0), labels)
+  chex.assert_shape(x, (3,) + UNET_SHAPE)
+  chex.assert_type(x, jnp.float32)
+  chex.assert_tree_all_finite(x)
+  np.testing.assert_array_equal(unet_sampler(jax.random.key(0), labels), x)
+  assert not np.allclose(unet_sampler(jax.random.key(1), labels), x)
+
+
+def test_unet_sampler_chains_are_independent(unet_sampler):
+  """Vmapped per example: an image depends on its own key and label only."""
+  x = unet_sampler(jax.random.key(0), jnp.array([0, 3, 7], jnp.int32))
+  y = unet_sampler(jax.random.key(0), jnp.array([0, 3, NUM_CLASSES], jnp.int32))
+  np.testing.assert_allclose(y[:2], x[:2], atol=1e-4)
+  assert not np.allclose(y[2], x[2])
+
+
+# Interpolation.
+
+def test_slerp():
+  a = jnp.array([1.0, 0.0, 0.0])
+  b = jnp.array([0.0, 1.0, 0.0])
+  np.testing.assert_allclose(diffusion.slerp(a, b, 0.0), a, atol=1e-6)
+  np.testing.assert_allclose(diffusion.slerp(a, b, 1.0), b, atol=1e-6)
+  np.testing.assert_allclose(diffusion.slerp(a, b, 0.5), [np.sqrt(0.5), np.sqrt(0.5), 0.0], atol=1e-6)
+  # Parallel latents fall back to the straight line, without NaNs.
+  np.testing.assert_allclose(diffusion.slerp(a, 2 * a, 0.5), 1.5 * a, atol=1e-6)
+
+
+def test_slerp_keeps_gaussian_latents_on_their_shell():
+  ka, kb = jax.random.split(jax.random.key(0))
+  a, b = jax.random.normal(ka, (32, 32, 3)), jax.random.normal(kb, (32, 32, 3))
+  alphas = jnp.linspace(0.0, 1.0, 5)
+  path = jax.jit(jax.vmap(diffusion.slerp, in_axes=(None, None, 0)))(a, b, alphas)
+  chex.assert_shape(path, (5, 32, 32, 3))
+  norms = jnp.linalg.norm(path.reshape(5, -1), axis=1)
+  np.testing.assert_allclose(norms, np.sqrt(32 * 32 * 3), rtol=0.05)
+  assert float(jnp.linalg.norm((a + b) / 2)) < 0.8 * np.sqrt(32 * 32 * 3)  # unlike the straight line
