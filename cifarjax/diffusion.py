@@ -54,7 +54,8 @@ def schedule_from_betas(betas) -> Schedule:
   alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
   posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
   # The variance is 0 at t = 0; log(0) would be -inf.
-  posterior_log_variance_clipped = np.log(np.append(posterior_variance[1:2], posterior_variance[1:]))
+  posterior_log_variance_clipped = np.log(
+      np.append(posterior_variance[1:2], posterior_variance[1:]))
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   return Schedule(
       betas=f32(betas),
@@ -66,7 +67,8 @@ def schedule_from_betas(betas) -> Schedule:
       posterior_variance=f32(posterior_variance),
       posterior_log_variance_clipped=f32(posterior_log_variance_clipped),
       posterior_mean_coef1=f32(betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod)),
-      posterior_mean_coef2=f32((1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)),
+      posterior_mean_coef2=f32(
+          (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod)),
   )
 
 
@@ -242,7 +244,8 @@ def sample(eps_fn: EpsFn, schedule: Schedule, rng, labels, *, image_shape=(32, 3
   T = schedule.num_timesteps
   if sampler == "ddpm":
     if num_steps not in (None, T):
-      raise ValueError(f"ddpm runs all {T} steps; for fewer use sampler='ddim' (eta=1 is ancestral)")
+      raise ValueError(
+          f"ddpm runs all {T} steps; for fewer use sampler='ddim' (eta=1 is ancestral)")
     ts = np.arange(T - 1, -1, -1, dtype=np.int32)
   elif sampler == "ddim":
     ts = sampling_timesteps(T, T if num_steps is None else num_steps)
@@ -252,6 +255,9 @@ def sample(eps_fn: EpsFn, schedule: Schedule, rng, labels, *, image_shape=(32, 3
   eps_one = guided_eps(eps_fn, guidance, null_label)
   image_shape = tuple(image_shape) if x_T is None else x_T.shape[1:]
 
+  # DDIM with eta = 0 adds no noise; drawing none saves a sampler per step.
+  stochastic = sampler == "ddpm" or not (isinstance(eta, (int, float)) and eta == 0)
+
   def chain(key, label, x):
     init_key, steps_key = jax.random.split(key)
     if x is None:
@@ -260,13 +266,13 @@ def sample(eps_fn: EpsFn, schedule: Schedule, rng, labels, *, image_shape=(32, 3
     def step(x, inputs):
       t, t_prev, step_key = inputs
       eps = eps_one(x, t, label)
-      z = jax.random.normal(step_key, x.shape, x.dtype)
+      z = jax.random.normal(step_key, x.shape, x.dtype) if stochastic else None
       if sampler == "ddpm":
         return ddpm_step(schedule, eps, x, t, z), None
       return ddim_step(schedule, eps, x, t, t_prev, eta, z), None
 
-    steps = (jnp.asarray(ts), jnp.asarray(ts_prev), jax.random.split(steps_key, len(ts)))
-    x, _ = jax.lax.scan(step, x, steps)
+    step_keys = jax.random.split(steps_key, len(ts)) if stochastic else jnp.zeros(len(ts))
+    x, _ = jax.lax.scan(step, x, (jnp.asarray(ts), jnp.asarray(ts_prev), step_keys))
     return x
 
   labels = jnp.asarray(labels, jnp.int32)

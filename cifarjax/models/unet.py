@@ -1,4 +1,4 @@
-"""The paper's class-conditional U-Net that predicts the noise in a diffused image (Part 2, section 5).
+"""The paper's class-conditional U-Net, which predicts the noise in a diffused image (section 5).
 
 What the paper says: a U-Net [Ronneberger et al.] conditioned on the label and
 the timestep; encoders for both; residual blocks with depthwise-separable
@@ -60,7 +60,7 @@ class LabelEncoder(nn.Module):
 
 
 class TimeEncoder(nn.Module):
-  """Timestep -> per-channel vector: t / num_timesteps -> Dense -> GELU -> Dense (TeaPearce's `EmbedFC`)."""
+  """Timestep -> per-channel vector: t / T -> Dense -> GELU -> Dense (TeaPearce's EmbedFC)."""
   num_timesteps: int
   hidden: int
   features: int
@@ -88,7 +88,7 @@ class ResidualBlock(nn.Module):
 
 
 class UNetBlock(nn.Module):
-  """The conditioned stage of one level: h = label_enc * h + time_enc, then `num_blocks` residual blocks."""
+  """One level's stage: h = label_enc * h + time_enc, then `num_blocks` residual blocks."""
   num_classes: int
   num_timesteps: int
   embed_hidden: int
@@ -133,9 +133,10 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, t, labels):
-    """x: float (B, H, W, C); t: int (B,) in [0, num_timesteps); labels: int (B,) in [0, num_classes].
+    """Predicts the noise in x.
 
-    Returns the predicted noise, float32 (B, H, W, C).
+    x: float (B, H, W, C); t: int (B,) in [0, num_timesteps); labels: int (B,)
+    in [0, num_classes]. Returns float32 (B, H, W, C).
     """
     widths = [self.base_channels * m for m in self.channel_mults]
     block = lambda: UNetBlock(self.num_classes, self.num_timesteps, self.embed_hidden,
