@@ -9,7 +9,7 @@
 
 from cifarjax.fid.features import DEFAULT_BATCH_SIZE, extract_features
 from cifarjax.fid.inception import FEATURE_DIM, FIDInception
-from cifarjax.fid.preprocess import preprocess
+from cifarjax.fid.preprocessing import preprocess
 from cifarjax.fid.sources import (compute_fid, fid_from_sources, read_images, reference_stats,
                                   save_stats, stats_from_images, stats_from_source)
 from cifarjax.fid.stats import activation_statistics, frechet_distance

@@ -8,7 +8,7 @@ import tqdm
 
 from cifarjax import mesh as mesh_lib
 from cifarjax.fid.inception import FEATURE_DIM, FIDInception
-from cifarjax.fid.preprocess import check_uint8_images
+from cifarjax.fid.preprocessing import check_uint8_images
 
 DEFAULT_BATCH_SIZE = 50  # pytorch-fid's default
 

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from cifarjax.fid.preprocess import INPUT_SIZE, preprocess
+from cifarjax.fid.preprocessing import INPUT_SIZE, preprocess
 
 BN_EPSILON = 1e-3
 FEATURE_DIM = 2048

@@ -52,7 +52,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
   if mu1.shape != mu2.shape:
     raise ValueError(f"mean vectors differ in shape: {mu1.shape} vs {mu2.shape}")
   if sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-    raise ValueError(f"covariances must both be {mu1.shape * 2}, got {sigma1.shape} and {sigma2.shape}")
+    raise ValueError(
+        f"covariances must both be {mu1.shape * 2}, got {sigma1.shape} and {sigma2.shape}")
 
   diff = mu1 - mu2
   if method == "eigh":

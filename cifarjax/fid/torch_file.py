@@ -125,7 +125,8 @@ def _unpickle(data_or_file, storage_loader):
 
 def _check_storage_type(storage_type):
   if not isinstance(storage_type, _StorageType):
-    raise pickle.UnpicklingError(f"storage type must be a torch storage class, got {storage_type!r}")
+    raise pickle.UnpicklingError(
+        f"storage type must be a torch storage class, got {storage_type!r}")
   return storage_type
 
 

@@ -68,8 +68,9 @@ def file_sha256(path) -> str:
   return _sha256_cached(str(path), st.st_size, st.st_mtime_ns)
 
 
-def download_weights(dest_dir=None, url=WEIGHTS_URL) -> pathlib.Path:
+def download_weights(dest_dir=None, url=None) -> pathlib.Path:
   """Downloads pytorch-fid's release file into the cache, checking its sha256 prefix."""
+  url = url or WEIGHTS_URL
   dest_dir = pathlib.Path(dest_dir or cache_dir())
   dest = dest_dir / WEIGHTS_FILENAME
   dest_dir.mkdir(parents=True, exist_ok=True)
