@@ -322,8 +322,12 @@ def slerp(a, b, alpha):
   line between two such latents passes much closer to the origin (midpoint
   norm about sqrt(d / 2) for independent ones), where the sampler never saw
   its inputs, and decodes to washed-out images. Slerp moves along the great
-  circle and keeps the norm. Falls back to linear interpolation for (nearly)
-  parallel a and b. For batches, `jax.vmap` it.
+  circle and keeps the norm. Falls back to linear interpolation where a and b
+  are (nearly) parallel or opposite. For batches, `jax.vmap` it.
+
+  The paper's interpolants: encode two images with `ddim_invert`, slerp their
+  latents, and decode each with `sample(..., sampler='ddim', x_T=...)`,
+  conditioned on the label of the closer end (alpha < 0.5: a's label).
   """
   af, bf = a.reshape(-1), b.reshape(-1)
   cos = jnp.dot(af, bf) / (jnp.linalg.norm(af) * jnp.linalg.norm(bf))
