@@ -70,8 +70,11 @@ def _pickle_state_dict(state, legacy):
           pid = ("storage", _storage_class(torch, obj.array), obj.key, "cpu", obj.array.size)
           return pid + (None,) if legacy else pid
         return None
+    state_dict = collections.OrderedDict(state)
+    # Module.state_dict() carries per-module versions in an attribute.
+    state_dict._metadata = collections.OrderedDict({"": {"version": 1}, "a": {"version": 2}})
     buf = io.BytesIO()
-    Pickler(buf, protocol=2).dump(collections.OrderedDict(state))
+    Pickler(buf, protocol=2).dump(state_dict)
     return buf.getvalue()
 
 
