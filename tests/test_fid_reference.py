@@ -15,11 +15,13 @@ import pytest
 from cifarjax import fid
 
 BATCH_SIZE = 32
-# Measured: max |diff| 1.4e-5 on features up to 7.7, per-image relative L2
-# error <= 3.5e-6 (float32 rounding; pytorch-fid's own batching moves features
-# by up to 2e-5).
-FEATURE_ATOL = 1e-4
-FEATURE_REL_L2 = 1e-5
+# Measured (64 images, batch 32, CPU): max |diff| 1.7e-5 on features up to 8.6,
+# at most 4.8e-5 relative where |feature| > 0.1, per-image relative L2 error
+# <= 5.1e-6: float32 rounding (pytorch-fid's own batching moves features by up
+# to 2e-5).
+FEATURE_RTOL = 1e-4
+FEATURE_ATOL = 5e-5
+FEATURE_REL_L2 = 2e-5
 # Measured: mu and sigma from pytorch-fid's activations are bit-identical; FID
 # by sqrtm equals fid_12 exactly, by eigh within 2.8e-7 relative.
 FID_RTOL = 1e-6
@@ -42,7 +44,7 @@ def test_features_match_pytorch_fid(features_a, reference):
   want = reference["features_a"]
   chex.assert_shape(features_a, (64, 2048))
   assert features_a.dtype == np.float32
-  np.testing.assert_allclose(features_a, want, rtol=0, atol=FEATURE_ATOL)
+  np.testing.assert_allclose(features_a, want, rtol=FEATURE_RTOL, atol=FEATURE_ATOL)
   rel = np.linalg.norm(features_a - want, axis=1) / np.linalg.norm(want, axis=1)
   assert rel.max() < FEATURE_REL_L2, rel.max()
 
