@@ -35,7 +35,7 @@ def test_run_outputs(run_dir):
   saved = runlog.read_json(workdir / "config.json")
   assert saved.pop("type") == "ClassifierConfig"
   assert config_lib.from_dict(ClassifierConfig, saved) == TINY
-  assert summary["steps"] == 6 and summary["num_params"] == 82_282  # 10 synthetic classes
+  assert summary["steps"] == 6 and summary["num_params"] == 88_106  # 10 synthetic classes
   records = runlog.read_metrics(workdir)
   train_steps = [r["step"] for r in records if "loss" in r]
   assert train_steps == [3, 6]
@@ -116,5 +116,5 @@ def test_overfits_a_small_batch():
 def test_info_json_reports_paper_classifier_size(capsys):
   assert cli.main(["info", "--json"]) == 0
   info = json.loads(capsys.readouterr().out)
-  assert info["classifier_params"] == 99_652
+  assert info["classifier_params"] == 99_716
   assert info["device_count"] >= 1
