@@ -14,6 +14,7 @@ import urllib.error
 import numpy as np
 import pytest
 
+from cifarjax import cache as cache_lib
 from cifarjax.data import cifar_archive
 from cifarjax.data.cifar_archive import (ArchiveUnavailableError, ChecksumError,
                                          download_cifar_archive, load_cifar_archive)
@@ -275,7 +276,7 @@ def test_corrupt_cached_file_is_refused(served, tmp_path):
 def test_offline_error_says_how_to_use_a_local_copy(served, tmp_path, monkeypatch):
   def offline(*args, **kwargs):
     raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-  monkeypatch.setattr(cifar_archive.urllib.request, "urlopen", offline)
+  monkeypatch.setattr(cache_lib.urllib.request, "urlopen", offline)
   cache = tmp_path / "cache"
   with pytest.raises(ArchiveUnavailableError, match="name resolution") as info:
     download_cifar_archive("cifar100", cache_dir=cache)

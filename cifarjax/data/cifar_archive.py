@@ -9,28 +9,20 @@ turn. `load_cifar_archive` reads the extracted folder or the .tar.gz itself.
 """
 
 import codecs
-import contextlib
 import dataclasses
 import functools
-import hashlib
-import http.client
 import io
-import os
 import pathlib
 import pickle
 import tarfile
-import tempfile
-import urllib.request
 
 import numpy as np
-from tqdm import tqdm
 
+from cifarjax import cache
 from cifarjax.data.split import Split
 
 SPLITS = ("train", "test")
 IMAGE_SHAPE = (3, 32, 32)  # as stored: channel planes first
-CACHE_ENV_VAR = "CIFARJAX_CACHE"
-_CHUNK_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +67,8 @@ _CIFAR10 = _Layout(
 _LAYOUTS = (_CIFAR100, _CIFAR10)
 
 
-class ChecksumError(ValueError):
-  """A file's md5 is not the one the official archive has."""
-
-
-class ArchiveUnavailableError(FileNotFoundError):
-  """The archive is not in the cache and could not be downloaded."""
+ChecksumError = cache.ChecksumError
+ArchiveUnavailableError = cache.DownloadError
 
 
 # --- Restricted unpickling ----------------------------------------------------
@@ -270,53 +258,10 @@ def load_cifar_archive(path, split: str) -> Split:
 # --- Downloading --------------------------------------------------------------
 
 
-def cache_dir_path(cache_dir=None) -> pathlib.Path:
-  """`cache_dir`, else $CIFARJAX_CACHE, else ~/.cache/cifarjax."""
-  if cache_dir is None:
-    cache_dir = os.environ.get(CACHE_ENV_VAR) or pathlib.Path("~/.cache/cifarjax")
-  return pathlib.Path(cache_dir).expanduser()
-
-
-def file_md5(path) -> str:
-  """The hex md5 of a file, read in chunks."""
-  md5 = hashlib.md5(usedforsecurity=False)
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
-      md5.update(chunk)
-  return md5.hexdigest()
-
-
 def _archive(name: str) -> Archive:
   if name not in ARCHIVES:
     raise ValueError(f"unknown CIFAR archive {name!r}; expected one of {tuple(ARCHIVES)}")
   return ARCHIVES[name]
-
-
-def _chunks(url: str):
-  """Yields the bytes at `url` in chunks, with a progress bar on terminals."""
-  with urllib.request.urlopen(url, timeout=60) as response:
-    total = int(response.headers.get("Content-Length") or 0) or None
-    with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
-              disable=None) as bar:  # disable=None: no bar when not on a terminal
-      for chunk in iter(lambda: response.read(_CHUNK_BYTES), b""):
-        bar.update(len(chunk))
-        yield chunk
-
-
-def _download(url: str, out, offline_hint: str) -> str:
-  """Streams `url` into the open file `out`; returns the md5 of what came."""
-  md5 = hashlib.md5(usedforsecurity=False)
-  with contextlib.closing(_chunks(url)) as chunks:
-    while True:
-      # Only reading is wrapped: a failed write (disk full) is no network error.
-      try:
-        chunk = next(chunks, b"")
-      except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets
-        raise ArchiveUnavailableError(f"could not download {url} ({e}). {offline_hint}") from e
-      if not chunk:
-        return md5.hexdigest()
-      out.write(chunk)
-      md5.update(chunk)
 
 
 def download_cifar_archive(name: str, cache_dir=None) -> pathlib.Path:
@@ -335,9 +280,9 @@ def download_cifar_archive(name: str, cache_dir=None) -> pathlib.Path:
     ArchiveUnavailableError: not cached and the download failed (offline).
   """
   archive = _archive(name)
-  target = cache_dir_path(cache_dir) / archive.filename
+  target = cache.cache_dir(cache_dir) / archive.filename
   if target.exists():
-    actual = file_md5(target)
+    actual = cache.file_digest(target, "md5")
     if actual != archive.md5:
       raise ChecksumError(
           f"{target} has md5 {actual}, but the official {archive.filename} has "
@@ -345,23 +290,8 @@ def download_cifar_archive(name: str, cache_dir=None) -> pathlib.Path:
           "download it again, or replace it with the official archive.")
     return target
 
-  target.parent.mkdir(parents=True, exist_ok=True)
-  # Download beside the target and rename only once the md5 matches, so that a
-  # partial or corrupt download never sits at the path we trust.
-  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{archive.filename}.", suffix=".part")
   offline_hint = (
       f"Without network, point at a local copy: --data /path/to/{archive.filename} (or the "
       f"extracted folder), or put the archive at {target}.")
-  try:
-    with os.fdopen(fd, "wb") as out:
-      actual = _download(archive.url, out, offline_hint)
-    if actual != archive.md5:
-      raise ChecksumError(
-          f"the download of {archive.url} has md5 {actual}, expected "
-          f"{archive.md5}; nothing was saved. Try again, or download it yourself and "
-          f"pass --data /path/to/{archive.filename}.")
-    os.replace(tmp, target)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-  return target
+  return cache.download(archive.url, target, algorithm="md5", expected=archive.md5,
+                        offline_hint=offline_hint)

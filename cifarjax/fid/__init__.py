@@ -13,7 +13,8 @@ from cifarjax.fid.preprocessing import preprocess
 from cifarjax.fid.sources import (compute_fid, fid_from_sources, read_images, reference_stats,
                                   save_stats, stats_from_images, stats_from_source)
 from cifarjax.fid.stats import activation_statistics, frechet_distance
-from cifarjax.fid.weights import (WEIGHTS_ENV, cache_dir, load_inception_params,
+from cifarjax.cache import cache_dir
+from cifarjax.fid.weights import (WEIGHTS_ENV, load_inception_params,
                                   resolve_weights_path)
 
 __all__ = [

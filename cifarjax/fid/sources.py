@@ -17,6 +17,7 @@ import zipfile
 
 import numpy as np
 
+from cifarjax import cache
 from cifarjax.fid import features as features_lib
 from cifarjax.fid import stats as stats_lib
 from cifarjax.fid import weights as weights_lib
@@ -160,7 +161,7 @@ def _source_key(dataset: str) -> str:
 
 
 def reference_stats_path(dataset: str, split: str, weights_sha256: str) -> pathlib.Path:
-  return (weights_lib.cache_dir() / "fid_stats"
+  return (cache.cache_dir() / "fid_stats"
           / f"{_source_key(dataset)}-{split}-{weights_sha256[:16]}.npz")
 
 
@@ -168,7 +169,7 @@ def reference_stats(dataset: str = "cifar100", split: str = "train", weights=Non
                     batch_size=features_lib.DEFAULT_BATCH_SIZE, mesh=None, progress=True):
   """(mu, sigma) of a dataset split, computed once per machine and cached.
 
-  The cache file (in `cache_dir()/fid_stats`) is keyed by the dataset, the split
+  The cache file (in `cifarjax.cache.cache_dir()/fid_stats`) is keyed by the dataset, the split
   and the weights file's sha256, so other weights never reuse stale statistics.
   """
   path = weights_lib.resolve_weights_path(weights)

@@ -8,18 +8,16 @@ release file is downloaded once into the cache directory.
 """
 
 import functools
-import hashlib
 import os
 import pathlib
-import tempfile
-import urllib.request
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cifarjax import cache
+
 WEIGHTS_ENV = "CIFARJAX_FID_WEIGHTS"
-CACHE_ENV = "CIFARJAX_CACHE"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_FILENAME = WEIGHTS_URL.rsplit("/", 1)[1]
@@ -42,56 +40,23 @@ _TORCH_TO_FLAX = {  # last two torch name parts -> (collection, flax leaf)
 _FLAX_TO_TORCH = {v: k for k, v in _TORCH_TO_FLAX.items()}
 
 
-def cache_dir() -> pathlib.Path:
-  """`$CIFARJAX_CACHE`, else ~/.cache/cifarjax."""
-  return pathlib.Path(os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache" / "cifarjax")
-
-
 def _offline_hint():
   return (f"pass --weights PATH (weights=PATH in Python) or set {WEIGHTS_ENV} to a local copy of "
           f"{WEIGHTS_FILENAME} or of an .npz with pytorch-fid's state-dict keys")
 
 
-@functools.lru_cache(maxsize=8)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-  del size, mtime_ns  # cache keys only: a rewritten file is hashed again
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def file_sha256(path) -> str:
-  path = pathlib.Path(path).resolve()
-  st = path.stat()
-  return _sha256_cached(str(path), st.st_size, st.st_mtime_ns)
+  return cache.file_digest(path, "sha256")
 
 
 def download_weights(dest_dir=None, url=None) -> pathlib.Path:
   """Downloads pytorch-fid's release file into the cache, checking its sha256 prefix."""
   url = url or WEIGHTS_URL
-  dest_dir = pathlib.Path(dest_dir or cache_dir())
-  dest = dest_dir / WEIGHTS_FILENAME
-  dest_dir.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=dest_dir, suffix=".part")
-  os.close(fd)
   try:
-    try:
-      urllib.request.urlretrieve(url, tmp)
-    except Exception as e:  # URLError, HTTPError, timeouts, OSError
-      raise FileNotFoundError(
-          f"no FID Inception weights: downloading {url} failed ({e}); offline, "
-          f"{_offline_hint()}") from e
-    digest = file_sha256(tmp)
-    if not digest.startswith(WEIGHTS_SHA256_PREFIX):
-      raise ValueError(f"downloaded {url} has sha256 {digest}, expected it to start with "
-                       f"{WEIGHTS_SHA256_PREFIX}; not keeping it")
-    os.replace(tmp, dest)  # atomic: concurrent processes never see a partial file
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return dest
+    return cache.download(url, cache.cache_dir(dest_dir) / WEIGHTS_FILENAME, algorithm="sha256",
+                          expected=WEIGHTS_SHA256_PREFIX, offline_hint=f"When offline, {_offline_hint()}")
+  except cache.DownloadError as e:
+    raise cache.DownloadError(f"no FID Inception weights: {e}") from e
 
 
 def resolve_weights_path(path=None, download: bool = True) -> pathlib.Path:
@@ -109,7 +74,7 @@ def resolve_weights_path(path=None, download: bool = True) -> pathlib.Path:
           f"{WEIGHTS_FILENAME} or of an .npz with pytorch-fid's state-dict keys, or unset it to "
           f"download {WEIGHTS_URL}")
     return path
-  cached = cache_dir() / WEIGHTS_FILENAME
+  cached = cache.cache_dir() / WEIGHTS_FILENAME
   if cached.is_file():
     if not file_sha256(cached).startswith(WEIGHTS_SHA256_PREFIX):
       raise ValueError(f"cached FID weights {cached} fail their sha256 check; delete the file")
