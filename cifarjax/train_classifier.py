@@ -154,8 +154,14 @@ def _check_resumable(workdir: pathlib.Path, config: ClassifierConfig):
                      f"use another --workdir, or the same settings to resume")
 
 
-def train(config: ClassifierConfig, workdir, mesh=None) -> dict:
-  """Trains (or resumes) the paper classifier in `workdir`; returns the summary."""
+def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None = None) -> dict:
+  """Trains (or resumes) the paper classifier in `workdir`; returns the summary.
+
+  model: another network to train with the same recipe, data and loop (called
+  `model.apply(variables, images, train=...)` with "params" and "batch_stats"
+  collections and a "dropout" rng, as `Classifier`); pass the same one to
+  `load_trained` to read its checkpoints back. Default: `paper_classifier`.
+  """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   _check_resumable(workdir, config)
@@ -169,7 +175,8 @@ def train(config: ClassifierConfig, workdir, mesh=None) -> dict:
     config_lib.save_json(config, workdir / "config.json")
     runlog.write_json(workdir / "classes.json", list(train_data.class_names))
 
-  model = paper_classifier(train_data.num_classes, dropout_rate=config.dropout)
+  model_name = "paper_classifier" if model is None else type(model).__name__
+  model = model or paper_classifier(train_data.num_classes, dropout_rate=config.dropout)
   steps_per_epoch = len(train_data) // config.batch_size
   tx, lr_fn = make_optimizer(config, steps_per_epoch)
   state = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
@@ -198,7 +205,7 @@ def train(config: ClassifierConfig, workdir, mesh=None) -> dict:
   evals = [r for r in runlog.read_metrics(workdir) if "test_accuracy" in r]
   best = max(evals, key=lambda r: r["test_accuracy"]) if evals else {}
   summary = {
-      "model": "paper_classifier", "data": config.data, "steps": int(jax.device_get(state.step)),
+      "model": model_name, "data": config.data, "steps": int(jax.device_get(state.step)),
       "num_params": count_params(state.params),
       **{f"final_{k}": v for k, v in final_eval.items()},
       "best_test_accuracy": best.get("test_accuracy"), "best_step": best.get("step"),
@@ -220,8 +227,9 @@ def describe_devices(mesh) -> str:
   return f"{mesh.size} x {d.device_kind} ({d.platform}), {jax.process_count()} process(es)"
 
 
-def load_trained(workdir, mesh=None):
-  """(model, state, config, class_names) of the latest checkpoint in a classifier workdir."""
+def load_trained(workdir, mesh=None, model: nn.Module | None = None):
+  """(model, state, config, class_names) of the latest checkpoint in a classifier workdir
+  (trained with `model`, default `paper_classifier`)."""
   from cifarjax import checkpoint
   workdir = pathlib.Path(workdir)
   if not (workdir / "config.json").exists():
@@ -234,7 +242,7 @@ def load_trained(workdir, mesh=None):
   config = config_lib.from_dict(ClassifierConfig, saved)
   class_names = tuple(runlog.read_json(workdir / "classes.json"))
   mesh = mesh or mesh_lib.make_mesh()
-  model = paper_classifier(len(class_names), dropout_rate=config.dropout)
+  model = model or paper_classifier(len(class_names), dropout_rate=config.dropout)
   tx, _ = make_optimizer(config, 1)
   like = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)

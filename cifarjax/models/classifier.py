@@ -18,7 +18,7 @@ In floats its gradient is rounding noise, which Adam (dividing by the noise's
 own magnitude) turns into full-size steps that differ between 1 and 8 devices.
 """
 
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -70,8 +70,14 @@ class Classifier(nn.Module):
   """Stem, then `layout` read left to right, then global average pool and dense head.
 
   layout tokens: "expand" (ExpandBlock), "residual" (ResidualBlock), "pool"
-  (2x2 max-pool). Dropout of `dropout_rate` (the paper's ablation) goes before
-  each of the last `dropout_before_last_expands` expansion blocks.
+  (2x2 max-pool), or any key of `blocks`. Dropout of `dropout_rate` (the paper's
+  ablation) goes before each of the last `dropout_before_last_expands` expansion
+  blocks.
+
+  blocks: extra (or replacement) layout tokens, each mapped to a module class
+  (or any zero-argument factory, such as a `functools.partial`) whose instances
+  are called `block(x, train)`; e.g. `blocks={"fire": FireBlock}` with
+  "fire" in the layout. Parameters are named after the class (FireBlock_0, ...).
   """
   num_classes: int = 100
   stem_channels: int = 32
@@ -81,6 +87,7 @@ class Classifier(nn.Module):
   bottleneck_ratio: int = 4
   dropout_rate: float = 0.0
   dropout_before_last_expands: int = 2
+  blocks: Mapping[str, Callable[[], nn.Module]] | None = None
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -91,7 +98,9 @@ class Classifier(nn.Module):
     num_expands = sum(token == "expand" for token in self.layout)
     expands_seen = 0
     for token in self.layout:
-      if token == "expand":
+      if self.blocks and token in self.blocks:
+        x = self.blocks[token]()(x, train)
+      elif token == "expand":
         if self.dropout_rate and expands_seen >= num_expands - self.dropout_before_last_expands:
           x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         expands_seen += 1
@@ -101,7 +110,8 @@ class Classifier(nn.Module):
       elif token == "pool":
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       else:
-        raise ValueError(f"unknown layout token {token!r}; expected expand, residual or pool")
+        extra = "".join(f", {k}" for k in self.blocks or ())
+        raise ValueError(f"unknown layout token {token!r}; expected expand, residual, pool{extra}")
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes)(x)
 

@@ -1,0 +1,104 @@
+"""One process of a multi-process CPU run (tests/test_multiprocess.py starts them).
+
+  python _multiprocess_worker.py --port P --num-processes N --process-id I --out DIR MODE...
+
+Each process brings its own fake CPU devices (XLA_FLAGS sets how many) and joins
+the others through `jax.distributed.initialize` on localhost, with gloo for the
+cross-process collectives (with --num-processes 1 it runs alone, as the
+reference). MODEs, run in order:
+  step   one classifier draw + train step on a mesh over every process's devices;
+         process 0 writes DIR/step.npz as tests/_sharded_step.py does.
+  train  a 2-step `train_classifier.train` with a checkpoint at each step into
+         DIR/workdir, then `load_trained` from it; each process writes
+         DIR/train-<I>.json.
+"""
+
+import argparse
+import json
+import pathlib
+
+import jax
+
+parser = argparse.ArgumentParser()
+parser.add_argument("modes", nargs="+", choices=("step", "train"))
+parser.add_argument("--port", type=int, required=True)
+parser.add_argument("--num-processes", type=int, required=True)
+parser.add_argument("--process-id", type=int, required=True)
+parser.add_argument("--out", required=True)
+args = parser.parse_args()
+
+if args.num_processes > 1:  # with 1, the single-process reference run
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
+                             num_processes=args.num_processes, process_id=args.process_id,
+                             initialization_timeout=60)
+
+import numpy as np  # noqa: E402
+
+from cifarjax import mesh as mesh_lib  # noqa: E402
+from cifarjax.config import ClassifierConfig  # noqa: E402
+from cifarjax.models import Classifier  # noqa: E402
+
+# A small classifier (BatchNorm over the global batch, dropout, both block kinds) compiles in
+# seconds; tests/test_parallel.py covers the paper's full model on one process.
+MODEL = Classifier(num_classes=10, stem_channels=8, layout=("expand", "residual", "pool", "expand"),
+                   bottleneck_ratio=2, dropout_rate=0.4)
+
+out = pathlib.Path(args.out)
+
+
+def flat(tree) -> dict:
+  """Leaves of a replicated pytree as numpy, keyed 'a/b/c' (each process holds all of it)."""
+  return {"/".join(str(k.key) for k in path): np.asarray(leaf.addressable_data(0))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def gather(x) -> np.ndarray:
+  """A batch-sharded array, whole, on every process."""
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def step():
+  from cifarjax.data.synthetic import load_synthetic
+  from cifarjax.train_classifier import (init_state, make_draw, make_optimizer, make_train_step,
+                                         put_split)
+  mesh = mesh_lib.make_mesh()
+  config = ClassifierConfig(batch_size=16, dropout=0.4)
+  data = load_synthetic("test")
+  model = MODEL
+  tx, _ = make_optimizer(config, len(data) // config.batch_size)
+  # Every process holds the same host values; device_put to a replicated sharding over
+  # all processes' devices places each process's copy on its own devices.
+  state = jax.device_put(init_state(model, tx, seed=0), mesh_lib.replicated(mesh))
+  # The whole split is replicated and `draw` cuts the global batch inside jit: each process's
+  # devices compute their own shard of it. This is what `make_array_from_process_local_data`
+  # would give from per-process host batches, with no host input pipeline to keep in step.
+  draw = make_draw(*put_split(data, mesh), config, mesh)
+  batch, rng = draw(state)
+  state, metrics = make_train_step(model, tx, mesh)(state, batch, rng)
+  images = gather(batch[0])
+  loss = float(np.asarray(metrics["loss"].addressable_data(0)))
+  if jax.process_index() == 0:
+    np.savez(out / "step.npz", batch=images, losses=np.array([loss]),
+             **flat({"params": state.params, "batch_stats": state.batch_stats}))
+
+
+def train():
+  from cifarjax.train_classifier import load_trained, train as train_classifier
+  config = ClassifierConfig(data="synthetic", steps=2, batch_size=16, log_every=1, eval_every=2,
+                            eval_batch_size=64, train_eval_size=64, checkpoint_every=1)
+  summary = train_classifier(config, out / "workdir", model=MODEL)
+  _, state, _, _ = load_trained(out / "workdir", model=MODEL)
+  restored = flat({"params": state.params})
+  record = {"process": jax.process_index(), "devices": jax.device_count(),
+            "steps": summary["steps"], "restored_step": int(np.asarray(state.step.addressable_data(0))),
+            "final_test_accuracy": summary["final_test_accuracy"],
+            "restored_params_sum": float(sum(np.sum(v, dtype=np.float64) for v in restored.values()))}
+  (out / f"train-{jax.process_index()}.json").write_text(json.dumps(record))
+
+
+for mode in args.modes:
+  {"step": step, "train": train}[mode]()
+if args.num_processes > 1:
+  jax.distributed.shutdown()
