@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "cifarjax.commands.classifier",
     "cifarjax.commands.info",
     "cifarjax.commands.fid",
+    "cifarjax.commands.diffusion",
 )
 
 

@@ -137,23 +137,6 @@ def train_eval_indices(n: int, size: int) -> np.ndarray:
   return np.sort(np.random.default_rng(0).permutation(n)[:min(size, n)])
 
 
-def _check_resumable(workdir: pathlib.Path, config: ClassifierConfig):
-  """A workdir holds one run: resuming with another config (but `steps`) is an error."""
-  path = workdir / "config.json"
-  if not path.exists():
-    return
-  saved = runlog.read_json(path)
-  kind = saved.pop("type", None)
-  if kind != type(config).__name__:
-    raise ValueError(f"{workdir} holds a {kind} run, not a {type(config).__name__} run; "
-                     f"use another --workdir")
-  new = config_lib.to_dict(config)
-  differ = sorted(k for k in new if k != "steps" and saved.get(k) != new[k])
-  if differ:
-    raise ValueError(f"{workdir} holds a run with another config ({', '.join(differ)} differ); "
-                     f"use another --workdir, or the same settings to resume")
-
-
 def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None = None) -> dict:
   """Trains (or resumes) the paper classifier in `workdir`; returns the summary.
 
@@ -164,7 +147,7 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  _check_resumable(workdir, config)
+  config_lib.check_resumable(workdir, config)
   mesh = mesh or mesh_lib.make_mesh()
   mesh_lib.check_batch_size(config.batch_size, mesh)
   mesh_lib.check_batch_size(config.eval_batch_size, mesh)
@@ -232,14 +215,7 @@ def load_trained(workdir, mesh=None, model: nn.Module | None = None):
   (trained with `model`, default `paper_classifier`)."""
   from cifarjax import checkpoint
   workdir = pathlib.Path(workdir)
-  if not (workdir / "config.json").exists():
-    raise FileNotFoundError(f"{workdir} holds no run (no config.json); train one with "
-                            f"`cifarjax train-classifier --workdir {workdir}`")
-  saved = runlog.read_json(workdir / "config.json")
-  kind = saved.pop("type", None)
-  if kind != ClassifierConfig.__name__:
-    raise ValueError(f"{workdir} holds a {kind} run, not a classifier")
-  config = config_lib.from_dict(ClassifierConfig, saved)
+  config = config_lib.load_run_config(workdir, ClassifierConfig, "classifier", "train-classifier")
   class_names = tuple(runlog.read_json(workdir / "classes.json"))
   mesh = mesh or mesh_lib.make_mesh()
   model = model or paper_classifier(len(class_names), dropout_rate=config.dropout)

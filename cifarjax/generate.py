@@ -1,0 +1,168 @@
+"""Sampling and interpolating with a trained generator (Part 2, section 5).
+
+Both use the EMA weights (see DiffusionConfig.ema_decay). Images come back as
+uint8 NHWC, the form FID, PNG writers and `.npz` files take.
+"""
+
+import pathlib
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from cifarjax import diffusion, mesh as mesh_lib
+from cifarjax.train_diffusion import load_trained, make_schedule, to_model_range, to_uint8
+
+
+def _eps_fn(model, params):
+  return lambda x, t, labels: model.apply({"params": params}, x, t, labels)
+
+
+def check_labels(labels, num_classes: int) -> np.ndarray:
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise ValueError(f"label {int(bad[0])} is outside the model's {num_classes} classes "
+                     f"[0, {num_classes - 1}]")
+  return labels.astype(np.int32)
+
+
+def _check_guidance(guidance: float, config):
+  if guidance and not config.label_dropout:
+    warnings.warn("guidance needs a model trained with label dropout (--label-dropout > 0); "
+                  "this one never saw the null label, so guided samples are unreliable")
+
+
+def make_sampler(model, schedule, mesh, batch_size: int, *, sampler: str, steps: int | None,
+                 guidance: float):
+  """sample_batch(params, rng, labels (batch_size,)) -> float images, jitted once and
+  split over the mesh's devices (each image's chain runs where its label lies)."""
+  mesh_lib.check_batch_size(batch_size, mesh)
+  replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+  guidance = float(guidance)
+
+  def sample_batch(params, rng, labels):
+    return diffusion.sample(_eps_fn(model, params), schedule, rng, labels, sampler=sampler,
+                            num_steps=steps, guidance=guidance, null_label=model.num_classes)
+
+  return jax.jit(sample_batch, in_shardings=(replicated, replicated, sharded),
+                 out_shardings=sharded)
+
+
+def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
+             guidance: float = 0.0, seed: int = 0, batch_size: int = 256, mesh=None,
+             progress: bool = True, trained=None) -> np.ndarray:
+  """uint8 (N, 32, 32, 3) samples of the workdir's latest checkpoint, one per label.
+
+  Batches of batch_size (rounded up to a multiple of the device count; the last
+  one padded) go through one compiled sampler; batch i uses the key
+  fold_in(PRNGKey(seed), i), so the same (seed, batch_size) gives the same
+  images. sampler 'ddpm' runs all T steps (steps must be None or T); 'ddim'
+  runs `steps` deterministic (eta 0) steps. trained: `load_trained`'s result,
+  to skip loading it again.
+  """
+  mesh = mesh or mesh_lib.make_mesh()
+  model, state, config, class_names = trained or load_trained(workdir, mesh)
+  labels = check_labels(labels, len(class_names))
+  _check_guidance(guidance, config)
+  if sampler == "ddpm" and steps == config.num_timesteps:
+    steps = None
+  batch_size = -(-min(batch_size, max(len(labels), 1)) // mesh.size) * mesh.size
+  sample_batch = make_sampler(model, make_schedule(config), mesh, batch_size, sampler=sampler,
+                              steps=steps, guidance=guidance)
+  key, out = jax.random.PRNGKey(seed), []
+  starts = range(0, len(labels), batch_size)
+  for i, start in enumerate(tqdm(starts, desc=f"sample ({sampler})", unit="batch",
+                                 disable=not progress or jax.process_index() != 0)):
+    chunk = labels[start:start + batch_size]
+    padded = np.concatenate([chunk, np.zeros(batch_size - len(chunk), np.int32)])
+    images = sample_batch(state.ema_params, jax.random.fold_in(key, i), padded)
+    out.append(to_uint8(jax.device_get(images))[:len(chunk)])
+  return np.concatenate(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
+
+
+def frame_alphas(frames: int) -> np.ndarray:
+  if frames < 2:
+    raise ValueError(f"an interpolation needs at least 2 frames, got {frames}")
+  return np.linspace(0.0, 1.0, frames, dtype=np.float32)
+
+
+def frame_labels(alphas, label_a: int, label_b: int) -> np.ndarray:
+  """Each frame is conditioned on the label of the closer endpoint (the paper's rule)."""
+  return np.where(np.asarray(alphas) < 0.5, label_a, label_b).astype(np.int32)
+
+
+def interpolate(workdir, image_a, label_a: int, image_b, label_b: int, frames: int = 8,
+                steps: int = 50, mesh=None):
+  """(uint8 frames (frames, 32, 32, 3), their labels) between two uint8 images.
+
+  Both images are encoded to DDIM latents x_T (`diffusion.ddim_invert`, with
+  their own labels), the latents slerped at `frames` evenly spaced alphas in
+  [0, 1], and each decoded by `steps` DDIM steps (eta 0) conditioned on the
+  closer endpoint's label. The end frames are the DDIM reconstructions of the
+  inputs (close to them where inversion is accurate).
+  """
+  mesh = mesh or mesh_lib.make_mesh()
+  model, state, config, class_names = load_trained(workdir, mesh)
+  ends = check_labels([label_a, label_b], len(class_names))
+  alphas = frame_alphas(frames)
+  labels = frame_labels(alphas, *ends)
+  schedule = make_schedule(config)
+
+  @jax.jit
+  def run(params, x0, ends, alphas, labels):
+    eps_fn = _eps_fn(model, params)
+    z = diffusion.ddim_invert(eps_fn, schedule, x0, ends, num_steps=steps)
+    x_T = jax.vmap(diffusion.slerp, in_axes=(None, None, 0))(z[0], z[1], alphas)
+    return diffusion.sample(eps_fn, schedule, jax.random.PRNGKey(0), labels, sampler="ddim",
+                            num_steps=steps, x_T=x_T)
+
+  x0 = to_model_range(jnp.asarray(np.stack([image_a, image_b])))
+  images = run(state.ema_params, x0, jnp.asarray(ends), jnp.asarray(alphas), jnp.asarray(labels))
+  return to_uint8(jax.device_get(images)), labels
+
+
+def save_npz(path, images, labels):
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  np.savez(path, images=np.asarray(images, np.uint8), labels=np.asarray(labels, np.int64))
+
+
+def default_labels(num: int, num_classes: int) -> np.ndarray:
+  """num labels cycling through every class: 0, 1, ..., C - 1, 0, 1, ..."""
+  return np.arange(num, dtype=np.int32) % num_classes
+
+
+def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: str = "ddpm",
+                 steps: int | None = None, guidance: float = 0.0, seed: int = 0,
+                 batch_size: int = 256, mesh=None, progress: bool = True) -> dict:
+  """FID of `num` samples (labels cycling through the classes) against the training set's
+  cached reference statistics, or against `reference` (any FID source) where given.
+
+  Merges {fid, fid_num, fid_sampler, fid_steps, fid_reference, fid_step} into the
+  workdir's summary.json (prefixed: `steps` there counts training steps) and
+  returns them.
+  """
+  from cifarjax import fid, runlog
+  workdir = pathlib.Path(workdir)
+  if num < 2:
+    raise ValueError(f"FID needs at least 2 samples, got {num}")
+  mesh = mesh or mesh_lib.make_mesh()
+  trained = load_trained(workdir, mesh)
+  _, state, config, class_names = trained
+  images = generate(workdir, default_labels(num, len(class_names)), sampler, steps, guidance,
+                    seed, batch_size, mesh, progress, trained=trained)
+  source = reference or config.data
+  ref = fid.reference_stats(source, "train", weights, mesh=mesh, progress=progress)
+  value = fid.compute_fid(images, ref, weights, mesh=mesh, progress=progress)
+  result = {"fid": float(value), "fid_num": num, "fid_sampler": sampler,
+            "fid_steps": config.num_timesteps if steps is None else steps,
+            "fid_reference": str(source), "fid_step": int(jax.device_get(state.step))}
+  path = workdir / "summary.json"
+  if jax.process_index() == 0:
+    runlog.write_json(path, {**(runlog.read_json(path) if path.exists() else {}), **result})
+  return result

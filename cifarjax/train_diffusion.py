@@ -1,0 +1,228 @@
+"""Training the paper's generator: state, jitted step, and the run (Part 2, section 4).
+
+The same pattern as the classifier's: `train_step(state, batch, rng)` is
+compiled once over the 1-D data mesh, the state replicated and donated, the
+batch split over devices; `draw` picks and flips the batch on the device.
+A step noises each image to a uniformly drawn timestep, regresses the noise
+(DDPM's simplified loss), applies Adam, and moves the EMA weights.
+"""
+
+import pathlib
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cifarjax import augment, config as config_lib, diffusion, loop, mesh as mesh_lib, runlog
+from cifarjax.config import DiffusionConfig
+from cifarjax.data import load_split
+from cifarjax.models import count_params
+from cifarjax.models.unet import UNet, paper_unet
+
+# U-Net sizes a config may name. "tiny" keeps every code path (two levels, the
+# encoders, a residual block per level) at a size tests compile in seconds.
+UNET_SIZES = {
+    "paper": None,  # `paper_unet`
+    "tiny": dict(base_channels=8, channel_mults=(1, 2), blocks_per_level=1, embed_hidden=16),
+}
+
+
+@flax.struct.dataclass
+class DiffusionState:
+  step: jax.Array  # int32 scalar
+  params: Any
+  ema_params: Any  # what sampling uses; see DiffusionConfig.ema_decay
+  opt_state: Any
+  rng: jax.Array  # uint32 (2,) base key: data order, flips, timesteps and noise derive from it
+
+
+def make_unet(config: DiffusionConfig, num_classes: int) -> UNet:
+  if config.unet not in UNET_SIZES:
+    raise ValueError(f"unknown unet {config.unet!r}; choose from {', '.join(UNET_SIZES)}")
+  size = UNET_SIZES[config.unet]
+  if size is None:
+    return paper_unet(num_classes, config.num_timesteps)
+  return UNet(num_classes=num_classes, num_timesteps=config.num_timesteps, **size)
+
+
+def make_schedule(config: DiffusionConfig) -> diffusion.Schedule:
+  schedules = {"sigmoid": diffusion.sigmoid_schedule, "linear": diffusion.linear_schedule}
+  if config.schedule not in schedules:
+    raise ValueError(f"unknown schedule {config.schedule!r}; choose from {', '.join(schedules)}")
+  return schedules[config.schedule](config.num_timesteps)
+
+
+def make_optimizer(config: DiffusionConfig, steps_per_epoch: int):
+  """Adam, its learning rate decayed by lr_decay once per epoch."""
+  lr = optax.exponential_decay(config.learning_rate, transition_steps=steps_per_epoch,
+                               decay_rate=config.lr_decay, staircase=True)
+  return optax.adam(lr), lr
+
+
+def init_state(model: UNet, tx, seed: int, image_shape=(32, 32, 3)) -> DiffusionState:
+  rng = jax.random.PRNGKey(seed)
+  params = model.init(jax.random.fold_in(rng, 2), jnp.zeros((1, *image_shape)),
+                      jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+  return DiffusionState(step=jnp.zeros((), jnp.int32), params=params,
+                        ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                        rng=rng)
+
+
+def noised_loss(model: UNet, schedule, params, images, labels, rng):
+  """DDPM's loss on a batch: noise each image to a uniform random t, regress the noise."""
+  t_key, noise_key = jax.random.split(rng)
+  t = jax.random.randint(t_key, (images.shape[0],), 0, schedule.num_timesteps)
+  noise = jax.random.normal(noise_key, images.shape, jnp.float32)
+  x_t = diffusion.q_sample(schedule, images, t, noise)
+  return diffusion.diffusion_loss(model.apply({"params": params}, x_t, t, labels), noise)
+
+
+def ema_update(ema, params, decay: float):
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def make_train_step(model: UNet, schedule, tx, mesh, config: DiffusionConfig):
+  replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+  null_label = model.num_classes
+
+  def train_step(state: DiffusionState, batch, rng):
+    images, labels = batch
+    drop_key, loss_key = jax.random.split(rng)
+    if config.label_dropout:
+      labels = diffusion.drop_labels(drop_key, labels, null_label, config.label_dropout)
+    loss, grads = jax.value_and_grad(
+        lambda p: noised_loss(model, schedule, p, images, labels, loss_key))(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                          ema_params=ema_update(state.ema_params, params, config.ema_decay))
+    return state, {"loss": loss}
+
+  return jax.jit(train_step, in_shardings=(replicated, sharded, replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def to_model_range(images_uint8):
+  """uint8 images to float32 in [-1, 1], the range the noise schedule assumes."""
+  return augment.to_float(images_uint8) * 2.0 - 1.0
+
+
+def to_uint8(images):
+  """Model-range float images (any values) to uint8, clipped to [-1, 1] first."""
+  return np.asarray(jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5), np.uint8)
+
+
+def make_draw(images, labels, config: DiffusionConfig, mesh):
+  """draw(state) -> ((images in [-1, 1], labels), rng): batch `state.step` of the epoch
+  order, flipped on the device. images/labels: the whole split, on the device."""
+  num_examples, batch_size = len(images), config.batch_size
+  if num_examples < batch_size:
+    raise ValueError(f"batch size {batch_size} exceeds the {num_examples} training examples")
+  aug = augment.AugmentConfig(hflip_prob=config.hflip_prob)
+
+  def draw(base_rng, step):
+    order_key, step_key = jax.random.fold_in(base_rng, 0), jax.random.fold_in(base_rng, step + 1)
+    aug_key, step_rng = jax.random.split(step_key)
+    idx = loop.epoch_batch_indices(order_key, step, num_examples, batch_size)
+    x = augment.augment(aug_key, augment.to_float(images[idx]), aug)
+    return (x * 2.0 - 1.0, labels[idx]), step_rng
+
+  sharded, replicated = mesh_lib.batch_sharded(mesh), mesh_lib.replicated(mesh)
+  draw = jax.jit(draw, out_shardings=((sharded, sharded), replicated))
+  return lambda state: draw(state.rng, state.step)
+
+
+def make_evaluate(model: UNet, schedule, images, labels, config: DiffusionConfig, mesh):
+  """evaluate(state) -> {eval_loss, ema_loss}: the loss of the raw and the EMA weights on
+  a fixed batch of training images at fixed timesteps and noise, so the numbers of
+  different steps compare without sampling noise (sampling quality needs FID)."""
+  n = min(config.eval_batch_size, len(images))
+  n -= n % mesh.size
+  mesh_lib.check_batch_size(max(n, 1), mesh)
+  idx = np.sort(np.random.default_rng(0).permutation(len(images))[:n])
+  batch = jax.device_put((np.asarray(to_model_range(images[idx])), np.asarray(labels[idx])),
+                         mesh_lib.batch_sharded(mesh))
+  key = jax.random.PRNGKey(1)
+
+  @jax.jit
+  def losses(params, ema_params, x, y):
+    return (noised_loss(model, schedule, params, x, y, key),
+            noised_loss(model, schedule, ema_params, x, y, key))
+
+  def evaluate(state):
+    loss, ema_loss = jax.device_get(losses(state.params, state.ema_params, *batch))
+    return {"eval_loss": float(loss), "ema_loss": float(ema_loss)}
+
+  return evaluate
+
+
+def put_split(data, mesh):
+  return jax.device_put((data.images, data.labels.astype(np.int32)), mesh_lib.replicated(mesh))
+
+
+def train(config: DiffusionConfig, workdir, mesh=None) -> dict:
+  """Trains (or resumes) the generator in `workdir`; returns the summary."""
+  from cifarjax.train_classifier import describe_devices
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  config_lib.check_resumable(workdir, config)
+  mesh = mesh or mesh_lib.make_mesh()
+  mesh_lib.check_batch_size(config.batch_size, mesh)
+  train_data = load_split(config.data, "train", holdout=config.holdout)
+  if jax.process_index() == 0:
+    config_lib.save_json(config, workdir / "config.json")
+    runlog.write_json(workdir / "classes.json", list(train_data.class_names))
+
+  model, schedule = make_unet(config, train_data.num_classes), make_schedule(config)
+  steps_per_epoch = len(train_data) // config.batch_size
+  tx, lr_fn = make_optimizer(config, steps_per_epoch)
+  state = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
+  images, labels = put_split(train_data, mesh)
+  settings = loop.LoopSettings(config.steps, config.batch_size, config.log_every,
+                               config.eval_every, config.checkpoint_every,
+                               config.keep_checkpoints)
+  state, final_eval, seconds = loop.run(
+      workdir, state, draw=make_draw(images, labels, config, mesh),
+      train_step=make_train_step(model, schedule, tx, mesh, config),
+      evaluate=make_evaluate(model, schedule, train_data.images, train_data.labels, config, mesh),
+      lr_fn=lr_fn, settings=settings, desc="diffusion")
+
+  losses = [r["loss"] for r in runlog.read_metrics(workdir) if "loss" in r]
+  summary_path = workdir / "summary.json"
+  previous = runlog.read_json(summary_path) if summary_path.exists() else {}
+  summary = {
+      **previous,  # keeps what eval-diffusion wrote (FID) across resumes
+      "model": f"unet:{config.unet}", "data": config.data, "schedule": config.schedule,
+      "steps": int(jax.device_get(state.step)), "num_params": count_params(state.params),
+      "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+      **{f"final_{k}": v for k, v in final_eval.items()},
+      "num_train": len(train_data), "wall_seconds_this_call": seconds,
+      "devices": describe_devices(mesh), "jax_version": jax.__version__,
+  }
+  if jax.process_index() == 0:
+    runlog.write_json(summary_path, summary)
+    from cifarjax import plots
+    plots.loss_curve(workdir)
+  return summary
+
+
+def load_trained(workdir, mesh=None):
+  """(model, state, config, class_names) of the latest checkpoint in a generator workdir."""
+  from cifarjax import checkpoint
+  workdir = pathlib.Path(workdir)
+  config = config_lib.load_run_config(workdir, DiffusionConfig, "diffusion (generator) run",
+                                      "train-diffusion")
+  class_names = tuple(runlog.read_json(workdir / "classes.json"))
+  mesh = mesh or mesh_lib.make_mesh()
+  model = make_unet(config, len(class_names))
+  tx, _ = make_optimizer(config, 1)
+  like = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+  state = checkpoint.restore_latest(mngr, like)
+  mngr.close()
+  if state is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet")
+  return model, state, config, class_names
