@@ -17,16 +17,23 @@ DATA_AXIS = "data"
 def initialize_distributed():
   """Calls `jax.distributed.initialize()` when launched as one of several processes.
 
-  Multi-host launchers (TPU VMs, SLURM, or explicit JAX_COORDINATOR_ADDRESS /
-  JAX_NUM_PROCESSES / JAX_PROCESS_ID variables) are detected by JAX itself;
-  this only decides whether to try. Safe to call twice.
+  Multi-host launchers (TPU VMs, SLURM) are detected by JAX itself; explicit
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables (JAX
+  reads only the first) are passed on here. CPU processes exchange data through
+  gloo. Safe to call twice.
   """
   if jax.distributed.is_initialized():
     return
   explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
   cluster = any(v in os.environ for v in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
-  if explicit or cluster:
-    jax.distributed.initialize()
+  if not (explicit or cluster):
+    return
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only CPU devices use it
+  kwargs = {}
+  for name, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    if var in os.environ:
+      kwargs[name] = int(os.environ[var])
+  jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(devices=None) -> Mesh:

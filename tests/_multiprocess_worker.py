@@ -1,13 +1,16 @@
 """One process of a multi-process CPU run (tests/test_multiprocess.py starts them).
 
-  python _multiprocess_worker.py --port P --num-processes N --process-id I --out DIR MODE...
+  JAX_COORDINATOR_ADDRESS=127.0.0.1:P JAX_NUM_PROCESSES=N JAX_PROCESS_ID=I \
+    python _multiprocess_worker.py --out DIR MODE...
 
 Each process brings its own fake CPU devices (XLA_FLAGS sets how many) and joins
-the others through `jax.distributed.initialize` on localhost, with gloo for the
-cross-process collectives (with --num-processes 1 it runs alone, as the
-reference). MODEs, run in order:
+the others through `cifarjax.mesh.initialize_distributed` (jax.distributed on
+localhost, gloo for the cross-process collectives), as the commands do; without
+the variables it runs alone, as the reference. MODEs, run in order:
   step   one classifier draw + train step on a mesh over every process's devices;
          process 0 writes DIR/step.npz as tests/_sharded_step.py does.
+  diffusion  the same with the tiny U-Net generator (as tests/_sharded_step.py's);
+         process 0 writes DIR/diffusion.npz.
   train  a 2-step `train_classifier.train` with a checkpoint at each step into
          DIR/workdir, then `load_trained` from it; each process writes
          DIR/train-<I>.json.
@@ -20,22 +23,15 @@ import pathlib
 import jax
 
 parser = argparse.ArgumentParser()
-parser.add_argument("modes", nargs="+", choices=("step", "train"))
-parser.add_argument("--port", type=int, required=True)
-parser.add_argument("--num-processes", type=int, required=True)
-parser.add_argument("--process-id", type=int, required=True)
+parser.add_argument("modes", nargs="+", choices=("step", "diffusion", "train"))
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
-
-if args.num_processes > 1:  # with 1, the single-process reference run
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
-                             num_processes=args.num_processes, process_id=args.process_id,
-                             initialization_timeout=60)
 
 import numpy as np  # noqa: E402
 
 from cifarjax import mesh as mesh_lib  # noqa: E402
+
+mesh_lib.initialize_distributed()
 from cifarjax.config import ClassifierConfig  # noqa: E402
 from cifarjax.models import Classifier  # noqa: E402
 
@@ -59,13 +55,19 @@ def gather(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+# step and train use the same config and data, so that train's draw and step come from the
+# compilation cache (test_multiprocess.py points every process at one).
+CONFIG = ClassifierConfig(data="synthetic", steps=2, batch_size=16, log_every=1, eval_every=2,
+                          eval_batch_size=64, train_eval_size=64, checkpoint_every=1)
+
+
 def step():
-  from cifarjax.data.synthetic import load_synthetic
+  from cifarjax.data import load_split
   from cifarjax.train_classifier import (init_state, make_draw, make_optimizer, make_train_step,
                                          put_split)
   mesh = mesh_lib.make_mesh()
-  config = ClassifierConfig(batch_size=16, dropout=0.4)
-  data = load_synthetic("test")
+  config = CONFIG
+  data = load_split(config.data, "train")
   model = MODEL
   tx, _ = make_optimizer(config, len(data) // config.batch_size)
   # Every process holds the same host values; device_put to a replicated sharding over
@@ -84,11 +86,29 @@ def step():
              **flat({"params": state.params, "batch_stats": state.batch_stats}))
 
 
+def diffusion():
+  from cifarjax import train_diffusion as td
+  from cifarjax.config import DiffusionConfig
+  from cifarjax.data.synthetic import load_synthetic
+  mesh = mesh_lib.make_mesh()
+  config = DiffusionConfig(batch_size=16, unet="tiny", num_timesteps=100, label_dropout=0.2)
+  data = load_synthetic("test")
+  model, schedule = td.make_unet(config, data.num_classes), td.make_schedule(config)
+  tx, _ = td.make_optimizer(config, len(data) // config.batch_size)
+  state = jax.device_put(td.init_state(model, tx, seed=0), mesh_lib.replicated(mesh))
+  draw = td.make_draw(*td.put_split(data, mesh), config, mesh)
+  batch, rng = draw(state)
+  state, metrics = td.make_train_step(model, schedule, tx, mesh, config)(state, batch, rng)
+  images = gather(batch[0])
+  loss = float(np.asarray(metrics["loss"].addressable_data(0)))
+  if jax.process_index() == 0:
+    np.savez(out / "diffusion.npz", batch=images, losses=np.array([loss]),
+             **flat({"params": state.params, "ema_params": state.ema_params}))
+
+
 def train():
   from cifarjax.train_classifier import load_trained, train as train_classifier
-  config = ClassifierConfig(data="synthetic", steps=2, batch_size=16, log_every=1, eval_every=2,
-                            eval_batch_size=64, train_eval_size=64, checkpoint_every=1)
-  summary = train_classifier(config, out / "workdir", model=MODEL)
+  summary = train_classifier(CONFIG, out / "workdir", model=MODEL)
   _, state, _, _ = load_trained(out / "workdir", model=MODEL)
   restored = flat({"params": state.params})
   record = {"process": jax.process_index(), "devices": jax.device_count(),
@@ -99,6 +119,6 @@ def train():
 
 
 for mode in args.modes:
-  {"step": step, "train": train}[mode]()
-if args.num_processes > 1:
+  {"step": step, "diffusion": diffusion, "train": train}[mode]()
+if jax.process_count() > 1:
   jax.distributed.shutdown()
