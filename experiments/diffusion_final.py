@@ -7,6 +7,7 @@ class) and an interpolation between two test images (section 4's recipe).
 
 import pathlib
 
+import jax
 import numpy as np
 
 import common
@@ -23,7 +24,10 @@ def sample_grid(workdir, out, quick):
   per_class = 2 if quick else GRID_PER_CLASS
   labels = np.repeat(np.arange(GRID_CLASSES), per_class)
   images = generate.generate(workdir, labels, "ddim", 4 if quick else SAMPLE_STEPS, progress=False)
-  return image_grid.write_grid(pathlib.Path(out) / "samples.png", images, labels, scale=2)
+  path = pathlib.Path(out) / "samples.png"
+  if jax.process_index() == 0:  # every process samples (one sharded computation); one writes
+    image_grid.write_grid(path, images, labels, scale=2)
+  return path
 
 
 def interpolation(workdir, config, out, quick):
@@ -34,7 +38,10 @@ def interpolation(workdir, config, out, quick):
   frames, _ = generate.interpolate(workdir, test.images[a], int(test.labels[a]), test.images[b],
                                    int(test.labels[b]), frames=4 if quick else 8,
                                    steps=4 if quick else SAMPLE_STEPS)
-  return image_grid.write_strip(pathlib.Path(out) / "interpolation.png", frames)
+  path = pathlib.Path(out) / "interpolation.png"
+  if jax.process_index() == 0:
+    image_grid.write_strip(path, frames)
+  return path
 
 
 def run(out, quick=False, data=None, fid_weights=None) -> common.Section:

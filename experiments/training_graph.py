@@ -6,12 +6,16 @@
 import argparse
 import pathlib
 
+import jax
+
 import common
 from cifarjax import plots
 
 
 def run(workdir, out) -> common.Section:
-  path = plots.training_graph(workdir, pathlib.Path(out))
+  path = pathlib.Path(out)
+  if jax.process_index() == 0:
+    plots.training_graph(workdir, path)
   return common.Section("Training graph (Fig. 4)", f"From `{workdir}/metrics.jsonl`.",
                         figures=[path])
 
