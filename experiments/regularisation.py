@@ -43,7 +43,8 @@ def run(out, quick=False, data=None, seed=0, baseline_runs=None) -> common.Secti
     test, train = max_accuracies(run_.workdir)
     rows.append((preset, WHAT[preset], f"{paper_test:.2f}%", f"{100 * test:.2f}%",
                  f"{paper_train:.2f}%", f"{100 * train:.2f}%"))
-  headers = ("preset", "change", "paper max test", "ours", "paper max train", "ours")
+  headers = ("preset", "change", "paper max test", "our max test", "paper max train",
+             "our max train")
   return common.Section("Regularisation ablations (section 1.1)", common.table(headers, rows),
                         runs=runs, notes=f"one run each, seed {seed}")
 
