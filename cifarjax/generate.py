@@ -4,6 +4,7 @@ Both use the EMA weights (see DiffusionConfig.ema_decay). Images come back as
 uint8 NHWC, the form FID, PNG writers and `.npz` files take.
 """
 
+import functools
 import pathlib
 import warnings
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cifarjax import diffusion, mesh as mesh_lib
+from cifarjax import compiler, diffusion, mesh as mesh_lib
 from cifarjax.train_diffusion import load_trained, make_schedule, to_model_range, to_uint8
 
 
@@ -50,7 +51,7 @@ def make_sampler(model, schedule, mesh, batch_size: int, *, sampler: str, steps:
                             num_steps=steps, guidance=guidance, null_label=model.num_classes)
 
   return jax.jit(sample_batch, in_shardings=(replicated, replicated, sharded),
-                 out_shardings=sharded)
+                 out_shardings=sharded, compiler_options=compiler.options())
 
 
 def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
@@ -113,7 +114,7 @@ def interpolate(workdir, image_a, label_a: int, image_b, label_b: int, frames: i
   labels = frame_labels(alphas, *ends)
   schedule = make_schedule(config)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler.options())
   def run(params, x0, ends, alphas, labels):
     eps_fn = _eps_fn(model, params)
     z = diffusion.ddim_invert(eps_fn, schedule, x0, ends, num_steps=steps)

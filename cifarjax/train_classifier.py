@@ -6,9 +6,8 @@ split over devices. BatchNorm statistics are taken over the whole global batch
 (XLA inserts the cross-device reductions), so 1 device and 8 give the same step.
 """
 
-import dataclasses
+import functools
 import pathlib
-import time
 from typing import Any
 
 import flax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cifarjax import augment, config as config_lib, loop, mesh as mesh_lib, runlog
+from cifarjax import augment, compiler, config as config_lib, loop, mesh as mesh_lib, runlog
 from cifarjax.config import ClassifierConfig
 from cifarjax.data import Split, load_split, with_class_order
 from cifarjax.models import count_params, paper_classifier
@@ -74,7 +73,8 @@ def make_train_step(model: nn.Module, tx, mesh):
     return state, metrics
 
   return jax.jit(train_step, in_shardings=(replicated, sharded, replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                 out_shardings=(replicated, replicated), donate_argnums=0,
+                 compiler_options=compiler.options())
 
 
 def make_draw(images, labels, config: ClassifierConfig, mesh):
@@ -111,7 +111,7 @@ def make_evaluate_split(model: nn.Module, mesh, batch_size: int):
   mesh_lib.check_batch_size(batch_size, mesh)
   sharded = mesh_lib.batch_sharded(mesh)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler.options())
   def eval_batch(params, batch_stats, images, labels, start, n):
     x = jax.lax.dynamic_slice_in_dim(images, start, batch_size)
     y = jax.lax.dynamic_slice_in_dim(labels, start, batch_size)

@@ -7,6 +7,7 @@ A step noises each image to a uniformly drawn timestep, regresses the noise
 (DDPM's simplified loss), applies Adam, and moves the EMA weights.
 """
 
+import functools
 import pathlib
 from typing import Any
 
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cifarjax import augment, config as config_lib, diffusion, loop, mesh as mesh_lib, runlog
+from cifarjax import (augment, compiler, config as config_lib, diffusion, loop, mesh as mesh_lib,
+                      runlog)
 from cifarjax.config import DiffusionConfig
 from cifarjax.data import load_split
 from cifarjax.models import count_params
@@ -102,7 +104,8 @@ def make_train_step(model: UNet, schedule, tx, mesh, config: DiffusionConfig):
     return state, {"loss": loss}
 
   return jax.jit(train_step, in_shardings=(replicated, sharded, replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                 out_shardings=(replicated, replicated), donate_argnums=0,
+                 compiler_options=compiler.options())
 
 
 def to_model_range(images_uint8):
@@ -147,7 +150,7 @@ def make_evaluate(model: UNet, schedule, images, labels, config: DiffusionConfig
                          mesh_lib.batch_sharded(mesh))
   key = jax.random.PRNGKey(1)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler.options())
   def losses(params, ema_params, x, y):
     return (noised_loss(model, schedule, params, x, y, key),
             noised_loss(model, schedule, ema_params, x, y, key))

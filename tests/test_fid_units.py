@@ -5,12 +5,10 @@ import json
 import zipfile
 
 import chex
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from cifarjax.fid import inception
 from cifarjax.fid import preprocessing as preprocess_lib
 from cifarjax.fid import sources
 from cifarjax.fid import stats as stats_lib
@@ -70,21 +68,6 @@ def test_bad_images_are_refused(images, match):
     preprocess_lib.preprocess(images)
   with pytest.raises(ValueError, match=match):  # before any weights or compilation
     extract_features(images, variables=None)
-
-
-@pytest.mark.parametrize("kernel, strides, padding", [
-    ((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (0, 0)), ((1, 3), (1, 1), (0, 1)),
-    ((5, 5), (1, 1), (2, 2)),
-])
-def test_conv_as_matmuls_equals_xla_conv(kernel, strides, padding):
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(2, 9, 8, 5)).astype(np.float32)
-  w = rng.normal(size=(*kernel, 5, 7)).astype(np.float32)
-  pads = tuple((p, p) for p in padding)
-  want = jax.lax.conv_general_dilated(x, w, strides, pads, precision="highest",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  got = inception.conv_as_matmuls(np.pad(x, ((0, 0), *pads, (0, 0))), w, strides, "highest")
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_batch_size_rounds_up_to_devices():

@@ -38,8 +38,10 @@ def test_classifier_step_on_1_and_8_devices_agree(tmp_path):
   # rounding noise (|g| ~ 1e-9), another summation order can flip its sign, so it moves
   # by +lr on one mesh and -lr on the other. Every other weight agrees to rounding.
   close = np.concatenate([np.isclose(one[k], eight[k], rtol=1e-5, atol=1e-6).ravel() for k in params])
-  # Seen here: 21 of 88,106 weights (0.02%).
-  assert close.mean() > 0.999, f"{close.size - close.sum()} of {close.size} weights differ"
+  # Seen here: 21 of 88,106 weights (0.02%) with XLA's own CPU kernels, 110 (0.12%) with
+  # YNNPACK's (cifarjax.compiler), all in kernels feeding a BatchNorm, whose gradients
+  # cancel over the batch. A sharding bug (say, per-device BatchNorm statistics) moves most.
+  assert close.mean() > 0.995, f"{close.size - close.sum()} of {close.size} weights differ"
   for key in params:
     assert np.abs(one[key] - eight[key]).max() <= 2 * LEARNING_RATE + 1e-6, key
 

@@ -1,6 +1,19 @@
 """`cifarjax info` and `cifarjax bench`."""
 
+import argparse
 import json
+import subprocess
+import sys
+
+BENCHMARK_NAMES = ("classifier", "diffusion", "sampler", "fid")  # cifarjax.bench.BENCHMARKS
+
+
+def _benchmark_name(name):
+  # argparse's `choices` rejects the empty default of nargs="*"; this checks each name.
+  if name not in BENCHMARK_NAMES:
+    raise argparse.ArgumentTypeError(
+        f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARK_NAMES)}")
+  return name
 
 
 def register(subparsers):
@@ -8,13 +21,16 @@ def register(subparsers):
   p.add_argument("--json", action="store_true")
   p.set_defaults(func=info)
 
-  p = subparsers.add_parser("bench", help="compiled step time and images/s after warm-up")
-  p.add_argument("what", choices=("classifier", "diffusion", "fid"))
-  p.add_argument("--batch-size", type=int)
-  p.add_argument("--steps", type=int, default=20)
-  p.add_argument("--json", action="store_true")
+  p = subparsers.add_parser(
+      "bench", help="compiled step times, images/s and compile times, as one table",
+      description="Each benchmark named (default: all) runs in its own process, so that "
+                  "peak device memory is its own.")
+  p.add_argument("what", nargs="*", type=_benchmark_name, metavar="NAME",
+                 help=f"any of {', '.join(BENCHMARK_NAMES)} (default: all)")
+  p.add_argument("--batch-size", type=int, help="default: 256 (models), 50 (FID)")
+  p.add_argument("--steps", type=int, help="timed calls after the first (default per benchmark)")
+  p.add_argument("--json", action="store_true", help="one JSON object per line")
   p.set_defaults(func=bench)
-
 
 def model_sizes() -> dict:
   import jax
@@ -50,18 +66,20 @@ def info(args):
 
 
 def bench(args):
-  if args.what == "classifier":
-    from cifarjax.bench import benchmark_classifier as run
-  elif args.what == "diffusion":
-    from cifarjax.bench import benchmark_diffusion as run
-  else:
-    from cifarjax.fid.bench import benchmark as run
-  kwargs = {"steps": args.steps}
-  if args.batch_size:
-    kwargs["batch_size"] = args.batch_size
-  result = run(**kwargs)
+  from cifarjax import bench as bench_lib
+  names = args.what or BENCHMARK_NAMES
+  options = [f"--{k.replace('_', '-')}={v}" for k, v in
+             (("batch_size", args.batch_size), ("steps", args.steps)) if v]
+  if len(names) == 1:
+    kwargs = {k: v for k, v in (("batch_size", args.batch_size), ("steps", args.steps)) if v}
+    rows = [bench_lib.BENCHMARKS[names[0]](**kwargs)]
+  else:  # a fresh process each: device memory peaks are per process
+    rows = [json.loads(subprocess.run(
+        [sys.executable, "-m", "cifarjax", "bench", name, "--json", *options],
+        check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1])
+        for name in names]
   if args.json:
-    print(json.dumps(result))
+    for row in rows:
+      print(json.dumps(row))
   else:
-    for k, v in result.items():
-      print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
+    print(bench_lib.table(rows))

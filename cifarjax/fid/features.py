@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import tqdm
 
-from cifarjax import mesh as mesh_lib
+from cifarjax import compiler, mesh as mesh_lib
 from cifarjax.fid.inception import FEATURE_DIM, FIDInception
 from cifarjax.fid.preprocessing import check_uint8_images
 
@@ -29,7 +29,7 @@ def feature_step(mesh):
   model = FIDInception()
   return jax.jit(lambda variables, images: model.apply(variables, images),
                  in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)),
-                 out_shardings=mesh_lib.replicated(mesh))
+                 out_shardings=mesh_lib.replicated(mesh), compiler_options=compiler.options())
 
 
 def _put_batch(batch, sharding):

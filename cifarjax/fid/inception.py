@@ -12,7 +12,6 @@ The output is the global average pool of Mixed_7c: 2048-d "pool3" features.
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -29,33 +28,6 @@ def _pair(v):
   return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def conv_as_matmuls(x, kernel, strides, precision):
-  """A VALID convolution as one (N*OH*OW, Cin) x (Cin, Cout) matmul per kernel tap, summed.
-
-  x: (N, H, W, Cin), kernel: (KH, KW, Cin, Cout) -> (N, OH, OW, Cout).
-  """
-  kh, kw, _, _ = kernel.shape
-  sh, sw = strides
-  oh, ow = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      tap = x[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
-      y = jnp.einsum("nhwc,cd->nhwd", tap, kernel[i, j], precision=precision)
-      out = y if out is None else out + y
-  return out
-
-
-def use_matmuls(kernel_size, features) -> bool:
-  """Whether a convolution runs as per-tap matmuls rather than XLA's convolution.
-
-  Only on CPUs, and only for 3x3 kernels with >= 192 outputs, where XLA:CPU's
-  convolution measured 1.5-2x slower than the matmuls (Conv2d_4a_3x3 alone
-  ~120 vs ~64 ms/image); elsewhere, and on GPUs and TPUs, XLA's is as fast or faster.
-  """
-  return jax.default_backend() == "cpu" and tuple(kernel_size) == (3, 3) and features >= 192
-
-
 class Conv(nn.Module):
   """Bias-free 2-D convolution, symmetric zero padding, HWIO `kernel` (nn.Conv's layout)."""
   features: int
@@ -70,13 +42,9 @@ class Conv(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (kh, kw, x.shape[-1], self.features))
     ph, pw = _pair(self.padding)
-    strides = _pair(self.strides)
-    if not use_matmuls((kh, kw), self.features):
-      return lax.conv_general_dilated(x, kernel, strides, ((ph, ph), (pw, pw)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                      precision=self.precision)
-    x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    return conv_as_matmuls(x, kernel, strides, self.precision)
+    return lax.conv_general_dilated(x, kernel, _pair(self.strides), ((ph, ph), (pw, pw)),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                    precision=self.precision)
 
 
 class BasicConv2d(nn.Module):
