@@ -140,10 +140,12 @@ def fid(batch_size: int = 50, steps: int = 5, weights=None, mesh=None) -> dict:
 BENCHMARKS = {"classifier": classifier, "diffusion": diffusion, "sampler": sampler, "fid": fid}
 
 
-def table(rows) -> str:
-  """The rows as a markdown table (KEYS' columns; '-' where a value is None)."""
-  cells = [[("-" if row[key] is None else fmt.format(row[key]))
-            for key, (_, fmt) in zip(KEYS, COLUMNS)] for row in rows]
+def table_lines(rows):
+  """Yields a markdown table of the rows, header first, a line per row as it arrives
+  (KEYS' columns; '-' where a value is None)."""
   header = [name for name, _ in COLUMNS]
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
+  yield "| " + " | ".join(header) + " |"
+  yield "|" + "---|" * len(header)
+  for row in rows:
+    yield "| " + " | ".join("-" if row[key] is None else fmt.format(row[key])
+                            for key, (_, fmt) in zip(KEYS, COLUMNS)) + " |"

@@ -6,7 +6,8 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def manager(workdir, keep: int) -> ocp.CheckpointManager:
+def manager(workdir, keep: int | None) -> ocp.CheckpointManager:
+  """Orbax's manager of `workdir/checkpoints`, keeping the latest `keep` (None: all)."""
   directory = pathlib.Path(workdir).resolve() / "checkpoints"
   return ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
@@ -24,6 +25,18 @@ def restore_latest(mngr: ocp.CheckpointManager, like):
     raise ValueError(
         f"checkpoint {mngr.directory}/{step} does not match this model and config "
         f"(is it a checkpoint of the other model?): {e}") from e
+
+
+def load_latest(workdir, like):
+  """The latest state in a workdir, laid out like `like`; FileNotFoundError if it has none."""
+  mngr = manager(workdir, keep=None)  # reads only: no policy that could delete anything
+  try:
+    state = restore_latest(mngr, like)
+  finally:
+    mngr.close()
+  if state is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet")
+  return state
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state):

@@ -223,9 +223,5 @@ def load_trained(workdir, mesh=None):
   model = make_unet(config, len(class_names))
   tx, _ = make_optimizer(config, 1)
   like = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
-  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
-  state = checkpoint.restore_latest(mngr, like)
-  mngr.close()
-  if state is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet")
+  state = checkpoint.load_latest(workdir, like)
   return model, state, config, class_names

@@ -19,7 +19,7 @@ def test_table_has_one_line_per_row_and_dashes_for_unreported_memory():
       {"benchmark": "b", "batch_size": 256, "images_per_s": 5e4, "step_ms": 5.12,
        "compile_s": 30.0, "peak_device_mib": 1234.4, "devices": "8 x H100 (gpu)"},
   ]
-  lines = bench.table(rows).splitlines()
+  lines = list(bench.table_lines(rows))
   assert lines[0] == ("| benchmark | batch | images/s | step ms | compile s | peak MiB "
                       "| devices |")
   assert lines[2] == "| a | 8 | 100.0 | 80.0 | 1.2 | - | 1 x cpu (cpu) |"

@@ -68,18 +68,18 @@ def info(args):
 def bench(args):
   from cifarjax import bench as bench_lib
   names = args.what or BENCHMARK_NAMES
-  options = [f"--{k.replace('_', '-')}={v}" for k, v in
-             (("batch_size", args.batch_size), ("steps", args.steps)) if v]
-  if len(names) == 1:
-    kwargs = {k: v for k, v in (("batch_size", args.batch_size), ("steps", args.steps)) if v}
-    rows = [bench_lib.BENCHMARKS[names[0]](**kwargs)]
-  else:  # a fresh process each: device memory peaks are per process
-    rows = [json.loads(subprocess.run(
-        [sys.executable, "-m", "cifarjax", "bench", name, "--json", *options],
-        check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()[-1])
-        for name in names]
-  if args.json:
-    for row in rows:
-      print(json.dumps(row))
-  else:
-    print(bench_lib.table(rows))
+  kwargs = {k: v for k, v in (("batch_size", args.batch_size), ("steps", args.steps)) if v}
+
+  def run_one(name):
+    if len(names) == 1:
+      return bench_lib.BENCHMARKS[name](**kwargs)
+    # A fresh process each, so that device memory peaks are each benchmark's own.
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in kwargs.items()]
+    out = subprocess.run([sys.executable, "-m", "cifarjax", "bench", name, "--json", *options],
+                         check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+  rows = (run_one(name) for name in names)
+  lines = (json.dumps(row) for row in rows) if args.json else bench_lib.table_lines(rows)
+  for line in lines:
+    print(line, flush=True)

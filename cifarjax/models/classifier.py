@@ -23,6 +23,8 @@ from typing import Callable, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cifarjax.models.depthwise import DepthwiseConv
+
 BN_MOMENTUM = 0.9  # PyTorch momentum=0.1
 BN_EPSILON = 1e-5
 
@@ -58,7 +60,7 @@ class ResidualBlock(nn.Module):
     width = channels // self.bottleneck_ratio
     h = nn.Conv(width, (1, 1), use_bias=False)(x)
     h = nn.relu(batch_norm(train)(h))
-    h = nn.Conv(width, (3, 3), padding="SAME", feature_group_count=width, use_bias=False)(h)
+    h = DepthwiseConv(3, use_bias=False)(h)
     h = nn.Conv(width, (1, 1), use_bias=False)(h)  # pointwise half of the separable conv
     h = nn.relu(batch_norm(train)(h))
     h = nn.Conv(channels, (1, 1), use_bias=False)(h)

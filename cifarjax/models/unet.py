@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cifarjax.models.depthwise import DepthwiseConv
+
 MAX_GROUPS = 8
 
 
@@ -82,7 +84,7 @@ class ResidualBlock(nn.Module):
     h = x
     for _ in range(2):
       h = nn.gelu(group_norm(channels)(h))
-      h = nn.Conv(channels, (3, 3), padding="SAME", feature_group_count=channels)(h)  # depthwise
+      h = DepthwiseConv(3)(h)
       h = nn.Conv(channels, (1, 1))(h)  # pointwise
     return x + h
 
