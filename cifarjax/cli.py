@@ -2,11 +2,22 @@
 
 Each group of subcommands lives in `cifarjax/commands/<group>.py` and exposes
 `register(subparsers)`; a subcommand's parser sets `func(args) -> int|None`.
+
+Mistakes in the input (`errors.UserError`, and the messages cifarjax's own code
+raises) print as one line `cifarjax <command>: error: ...` with exit code 2;
+Ctrl-C prints one line and exits 130; real bugs keep their traceback. Phase
+messages and notices go to stderr, results to stdout.
 """
 
 import argparse
+import contextlib
+import functools
 import importlib
+import logging
 import sys
+import warnings
+
+from cifarjax import __version__, errors
 
 # Imported lazily so that `cifarjax --help` does not pay for importing JAX.
 COMMAND_MODULES = (
@@ -17,11 +28,23 @@ COMMAND_MODULES = (
 )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows each option's default, except where there is none to show (None, False)."""
+
+  def _get_help_string(self, action):
+    if action.default is None or action.default is False:
+      return action.help or ""
+    return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="cifarjax",
+      prog="cifarjax", formatter_class=HelpFormatter,
       description="Efficient CIFAR-100 modelling in JAX: classifier, diffusion generator, FID.")
-  subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  parser.add_argument("--version", action="version", version=f"cifarjax {__version__}")
+  subparsers = parser.add_subparsers(
+      dest="command", required=True, metavar="COMMAND",
+      parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
   for name in COMMAND_MODULES:
     try:
       module = importlib.import_module(name)
@@ -33,14 +56,66 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+class _StderrHandler(logging.Handler):
+  """Phase messages as `cifarjax <command>: ...` lines, written around any progress bar."""
+
+  def __init__(self, prefix: str):
+    super().__init__(logging.INFO)
+    self.prefix = prefix
+
+  def emit(self, record):
+    try:
+      from tqdm import tqdm
+      level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+      tqdm.write(f"{self.prefix}: {level}{record.getMessage()}", file=sys.stderr)
+    except Exception:  # noqa: BLE001 - logging must never raise
+      self.handleError(record)
+
+
+@contextlib.contextmanager
+def _messages_to_stderr(prefix: str):
+  """Routes the "cifarjax" logger and `errors.Notice` warnings to stderr for one command."""
+  logger = logging.getLogger("cifarjax")
+  handler = _StderrHandler(prefix)
+  saved = logger.level, logger.propagate
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+  show = warnings.showwarning
+
+  def show_notice(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, errors.Notice):
+      logger.warning(str(message))
+    else:
+      show(message, category, filename, lineno, file, line)
+
+  warnings.showwarning = show_notice
+  try:
+    yield
+  finally:
+    warnings.showwarning = show
+    logger.removeHandler(handler)
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  try:
-    return args.func(args) or 0
-  except (ValueError, FileNotFoundError, FloatingPointError, KeyError) as e:
-    # Library errors carry a message meant for the user; a traceback adds nothing.
-    print(f"cifarjax {args.command}: error: {e}", file=sys.stderr)
-    return 2
+  prefix = f"cifarjax {args.command}"
+  with _messages_to_stderr(prefix):
+    try:
+      return args.func(args) or 0
+    except KeyboardInterrupt as e:
+      message = str(e) if isinstance(e, errors.Interrupted) else "interrupted." + (
+          " Run the same command to resume from the latest checkpoint."
+          if args.command.startswith("train-") else "")
+      print(f"{prefix}: {message}", file=sys.stderr)
+      return 130
+    except Exception as e:
+      if not errors.is_user_facing(e):
+        raise  # a bug: its traceback is what a report needs
+      print(f"{prefix}: error: {errors.one_line(e)}", file=sys.stderr)
+      return 2
 
 
 if __name__ == "__main__":

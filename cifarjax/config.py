@@ -9,6 +9,7 @@ import json
 import pathlib
 
 from cifarjax.augment import AugmentConfig
+from cifarjax.errors import UserError, UserFileNotFoundError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +104,105 @@ DIFFUSION_PRESETS = {
 
 def preset(presets: dict, name: str):
   if name not in presets:
-    raise ValueError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
+    raise UserError(f"unknown --preset {name!r}; choose from {', '.join(presets)}")
   return presets[name]
+
+
+# --- Validation: every value checked before a run touches its workdir ---------------
+
+# Fields the train commands set by a flag; errors name the flag, others the field.
+CLI_FLAGS = ("data", "holdout", "steps", "batch_size", "eval_every", "checkpoint_every",
+             "log_every", "seed", "label_dropout", "unet")
+DATASET_NAMES = ("cifar100", "cifar10", "synthetic")  # cifarjax.data's names
+# What each config's run is called in messages (never the class name).
+RUN_KINDS = {"ClassifierConfig": "classifier (train-classifier)",
+             "DiffusionConfig": "generator (train-diffusion)"}
+SCHEDULES = ("sigmoid", "linear")
+
+
+def flag_name(field: str) -> str:
+  """How a message names a config field: its CLI flag, else "config field <name>"."""
+  return "--" + field.replace("_", "-") if field in CLI_FLAGS else f"config field {field}"
+
+
+def _positive_int(name, v):
+  if not isinstance(v, int) or isinstance(v, bool):
+    raise UserError(f"{name} must be an integer, got {v!r}")
+  if v < 1:
+    raise UserError(f"{name} must be positive, got {v}")
+
+
+def _number(name, v, low, high, low_open=False, high_open=False):
+  if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+    raise UserError(f"{name} must be a number, got {v!r}")
+  if (v <= low if low_open else v < low) or (v >= high if high_open else v > high):
+    interval = (f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+    raise UserError(f"{name} must lie in {interval}, got {v}")
+
+
+def _check_fields(config, prefix=""):
+  for field in dataclasses.fields(config):
+    v = getattr(config, field.name)
+    name = flag_name(prefix + field.name) if not prefix else f"config field {prefix}{field.name}"
+    if dataclasses.is_dataclass(v):
+      _check_fields(v, prefix=f"{prefix}{field.name}.")
+    elif field.name == "data":
+      if not isinstance(v, str) or not v.strip():
+        raise UserError(f"{name} must name a data source, got {v!r}")
+    elif field.name == "seed":
+      if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**32:
+        raise UserError(f"{name} must be an integer in [0, 2^32), got {v!r}")
+    elif field.name in ("learning_rate", "max_rotation_deg", "max_shift", "noise_variance",
+                        "max_scale", "brightness", "contrast", "saturation"):
+      _number(name, v, 0, float("inf"), low_open=field.name == "learning_rate", high_open=True)
+    elif field.name == "weight_decay":
+      _number(name, v, 0, float("inf"), high_open=True)
+    elif field.name == "lr_decay":
+      _number(name, v, 0, 1, low_open=True)
+    elif field.name.endswith("_prob"):
+      _number(name, v, 0, 1)
+    elif field.name in ("dropout", "label_dropout", "ema_decay"):
+      _number(name, v, 0, 1, high_open=True)
+    elif field.name == "crop_padding":
+      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise UserError(f"{name} must be a non-negative integer, got {v!r}")
+    elif field.name == "num_timesteps":
+      _positive_int(name, v)
+      if v < 2:
+        raise UserError(f"{name} must be at least 2, got {v}")
+    elif field.name == "schedule":
+      if v not in SCHEDULES:
+        raise UserError(f"{name} must be one of {', '.join(SCHEDULES)}, got {v!r}")
+    elif field.name == "unet":
+      if not isinstance(v, str) or not v:
+        raise UserError(f"{name} must name a U-Net size, got {v!r}")
+    elif field.type in (int, "int"):
+      _positive_int(name, v)  # steps, batch sizes, intervals, holdout, keep_checkpoints
+
+
+def validate(config):
+  """Checks every value of a ClassifierConfig or DiffusionConfig (ranges and types).
+
+  Raises a UserError naming the CLI flag (or the config field where no flag sets it)
+  and the value, e.g. "--batch-size must be positive, got 0". Called by the trainers
+  before the workdir is touched, so a rejected run leaves nothing behind.
+  """
+  _check_fields(config)
+  return config
+
+
+def check_divisible(flag: str, size: int, num_devices: int):
+  """A batch is split evenly over the devices: `size` must be a multiple of their number."""
+  if size % num_devices:
+    raise UserError(f"{flag} {size} must be divisible by the number of devices ({num_devices})")
+
+
+def with_absolute_data(config):
+  """The config with a data path made absolute (dataset names stay as they are), so the
+  saved config.json names the same data from any working directory."""
+  if config.data in DATASET_NAMES:
+    return config
+  return dataclasses.replace(config, data=str(pathlib.Path(config.data).expanduser().resolve()))
 
 
 def to_dict(config) -> dict:
@@ -123,7 +221,9 @@ def from_dict(cls, d: dict):
     kwargs[field.name] = value
   unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
   if unknown:
-    raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    raise UserError(f"unknown config fields {sorted(unknown)} for a "
+                    f"{RUN_KINDS.get(cls.__name__, cls.__name__)} run (written by another "
+                    f"version of cifarjax?)")
   return cls(**kwargs)
 
 
@@ -132,31 +232,56 @@ def save_json(config, path):
     json.dump({"type": type(config).__name__, **to_dict(config)}, f, indent=2)
 
 
+def _kind(name) -> str:
+  return RUN_KINDS.get(name, f"unknown ({name})" if name else "unknown")
+
+
+def _check_folder(workdir):
+  path = pathlib.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise UserError(f"--workdir {workdir} is a file, not a folder; name a folder for the run")
+
+
 def load_run_config(workdir, cls, what: str, train_command: str):
   """The config a run saved in `workdir`, checked to be a `cls` run (`what` names it)."""
+  _check_folder(workdir)
   path = pathlib.Path(workdir) / "config.json"
   if not path.exists():
-    raise FileNotFoundError(f"{workdir} holds no run (no config.json); train one with "
-                            f"`cifarjax {train_command} --workdir {workdir}`")
+    raise UserFileNotFoundError(f"{workdir} holds no run (no config.json); train one with "
+                                f"`cifarjax {train_command} --workdir {workdir}`")
   saved = json.loads(path.read_text())
   kind = saved.pop("type", None)
   if kind != cls.__name__:
-    raise ValueError(f"{workdir} holds a {kind} run, not a {what}")
+    raise UserError(f"{workdir} holds a {_kind(kind)} run, not a {what}")
   return from_dict(cls, saved)
 
 
+def _same(key, saved, new) -> bool:
+  if saved == new:
+    return True
+  if key == "data" and isinstance(saved, str) and saved not in DATASET_NAMES:
+    # Runs saved before data paths were made absolute: the same file is the same data.
+    return pathlib.Path(saved).expanduser().resolve() == pathlib.Path(str(new)).resolve()
+  return False
+
+
 def check_resumable(workdir, config):
-  """A workdir holds one run: resuming with another config (but `steps`) is an error."""
+  """A workdir holds one run: resuming with another config (but `steps`) is an error.
+  Touches nothing: a workdir that is a file, or holds another kind of run or another
+  config, raises a UserError before anything is written."""
+  _check_folder(workdir)
   path = pathlib.Path(workdir) / "config.json"
   if not path.exists():
     return
   saved = json.loads(path.read_text())
   kind = saved.pop("type", None)
   if kind != type(config).__name__:
-    raise ValueError(f"{workdir} holds a {kind} run, not a {type(config).__name__} run; "
-                     f"use another --workdir")
+    raise UserError(f"{workdir} holds a {_kind(kind)} run, not a "
+                    f"{_kind(type(config).__name__)} run; use another --workdir")
   new = json.loads(json.dumps(to_dict(config)))  # tuples as JSON lists, as saved
-  differ = sorted(k for k in new if k != "steps" and saved.get(k) != new[k])
+  differ = sorted(k for k in new if k != "steps" and not _same(k, saved.get(k), new[k]))
   if differ:
-    raise ValueError(f"{workdir} holds a run with another config ({', '.join(differ)} differ); "
-                     f"use another --workdir, or the same settings to resume")
+    details = "; ".join(f"{flag_name(k)}: {saved.get(k)!r} there, {new[k]!r} now"
+                        for k in differ[:4])
+    raise UserError(f"{workdir} holds a run with another config ({', '.join(differ)} differ: "
+                    f"{details}); use another --workdir, or the same settings to resume")

@@ -6,6 +6,7 @@ uint8 NHWC, the form FID, PNG writers and `.npz` files take.
 
 import functools
 import pathlib
+import time
 import warnings
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cifarjax import compiler, diffusion, mesh as mesh_lib
+from cifarjax.errors import UserError, note
 from cifarjax.train_diffusion import load_trained, make_schedule, to_model_range, to_uint8
 
 
@@ -24,18 +26,28 @@ def _eps_fn(model, params):
 def check_labels(labels, num_classes: int) -> np.ndarray:
   labels = np.asarray(labels)
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+    raise UserError(f"labels must be a 1-D integer array, got {labels.dtype} {labels.shape}")
   bad = labels[(labels < 0) | (labels >= num_classes)]
   if bad.size:
-    raise ValueError(f"label {int(bad[0])} is outside the model's {num_classes} classes "
-                     f"[0, {num_classes - 1}]")
+    raise UserError(f"label {int(bad[0])} is outside the model's {num_classes} classes "
+                    f"[0, {num_classes - 1}]")
   return labels.astype(np.int32)
 
 
+def saved_class_names(workdir) -> tuple[str, ...]:
+  """The class names of a generator run, read without loading the model (so that labels
+  are checked before a load that takes seconds)."""
+  from cifarjax import runlog
+  from cifarjax.config import DiffusionConfig, load_run_config
+  load_run_config(workdir, DiffusionConfig, "generator (train-diffusion) run", "train-diffusion")
+  return tuple(runlog.read_json(pathlib.Path(workdir) / "classes.json"))
+
+
 def _check_guidance(guidance: float, config):
+  from cifarjax.errors import Notice
   if guidance and not config.label_dropout:
-    warnings.warn("guidance needs a model trained with label dropout (--label-dropout > 0); "
-                  "this one never saw the null label, so guided samples are unreliable")
+    warnings.warn(Notice("guidance needs a model trained with label dropout (--label-dropout > 0); "
+                  "this one never saw the null label, so guided samples are unreliable"))
 
 
 def make_sampler(model, schedule, mesh, batch_size: int, *, sampler: str, steps: int | None,
@@ -67,6 +79,8 @@ def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
   to skip loading it again.
   """
   mesh = mesh or mesh_lib.make_mesh()
+  if trained is None:
+    check_labels(labels, len(saved_class_names(workdir)))
   model, state, config, class_names = trained or load_trained(workdir, mesh)
   labels = check_labels(labels, len(class_names))
   _check_guidance(guidance, config)
@@ -88,7 +102,7 @@ def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
 
 def frame_alphas(frames: int) -> np.ndarray:
   if frames < 2:
-    raise ValueError(f"an interpolation needs at least 2 frames, got {frames}")
+    raise UserError(f"an interpolation needs at least 2 frames, got {frames}")
   return np.linspace(0.0, 1.0, frames, dtype=np.float32)
 
 
@@ -107,10 +121,12 @@ def interpolate(workdir, image_a, label_a: int, image_b, label_b: int, frames: i
   closer endpoint's label. The end frames are the DDIM reconstructions of the
   inputs (close to them where inversion is accurate).
   """
+  alphas = frame_alphas(frames)
+  check_labels([label_a, label_b], len(saved_class_names(workdir)))
   mesh = mesh or mesh_lib.make_mesh()
+  note(f"loading the generator in {workdir}")
   model, state, config, class_names = load_trained(workdir, mesh)
   ends = check_labels([label_a, label_b], len(class_names))
-  alphas = frame_alphas(frames)
   labels = frame_labels(alphas, *ends)
   schedule = make_schedule(config)
 
@@ -123,8 +139,13 @@ def interpolate(workdir, image_a, label_a: int, image_b, label_b: int, frames: i
                             num_steps=steps, x_T=x_T)
 
   x0 = to_model_range(jnp.asarray(np.stack([image_a, image_b])))
+  note(f"compiling and running the interpolation: {steps} DDIM steps to invert the two "
+       f"images, then {steps} to decode each of {frames} frames (a minute or more on a CPU)")
+  t0 = time.perf_counter()
   images = run(state.ema_params, x0, jnp.asarray(ends), jnp.asarray(alphas), jnp.asarray(labels))
-  return to_uint8(jax.device_get(images)), labels
+  images = to_uint8(jax.device_get(images))
+  note(f"interpolated in {time.perf_counter() - t0:.0f} s")
+  return images, labels
 
 
 def save_npz(path, images, labels):
@@ -141,28 +162,37 @@ def default_labels(num: int, num_classes: int) -> np.ndarray:
 def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: str = "ddpm",
                  steps: int | None = None, guidance: float = 0.0, seed: int = 0,
                  batch_size: int = 256, mesh=None, progress: bool = True) -> dict:
-  """FID of `num` samples (labels cycling through the classes) against the training set's
-  cached reference statistics, or against `reference` (any FID source) where given.
+  """FID of `num` samples (labels cycling through the classes) against the statistics of
+  the images the generator trained on (`fid.training_reference_stats`: the train split
+  without its held-out slice, cached), or against `reference` where given (a stats .npz
+  used as it is, or any FID source, cached).
 
-  Merges {fid, fid_num, fid_sampler, fid_steps, fid_reference, fid_step} into the
-  workdir's summary.json (prefixed: `steps` there counts training steps) and
-  returns them.
+  Says which reference it uses before computing anything. Merges {fid, fid_num,
+  fid_sampler, fid_steps, fid_reference, fid_step} into the workdir's summary.json
+  (prefixed: `steps` there counts training steps) and returns them.
   """
   from cifarjax import fid, runlog
   workdir = pathlib.Path(workdir)
   if num < 2:
-    raise ValueError(f"FID needs at least 2 samples, got {num}")
+    raise UserError(f"FID needs at least 2 samples, got {num}")
   mesh = mesh or mesh_lib.make_mesh()
+  note(f"loading the generator in {workdir}")
   trained = load_trained(workdir, mesh)
   _, state, config, class_names = trained
+  if reference is None:
+    source = f"{config.data} (train split)"
+    ref = fid.training_reference_stats(config.data, config.holdout, weights, mesh=mesh,
+                                       progress=progress)
+  else:
+    source = str(reference)
+    ref = fid.reference_stats(reference, "train", weights, mesh=mesh, progress=progress)
+  note(f"sampling {num:,} images ({sampler}); then their FID features")
   images = generate(workdir, default_labels(num, len(class_names)), sampler, steps, guidance,
                     seed, batch_size, mesh, progress, trained=trained)
-  source = reference or config.data
-  ref = fid.reference_stats(source, "train", weights, mesh=mesh, progress=progress)
   value = fid.compute_fid(images, ref, weights, mesh=mesh, progress=progress)
   result = {"fid": float(value), "fid_num": num, "fid_sampler": sampler,
             "fid_steps": config.num_timesteps if steps is None else steps,
-            "fid_reference": str(source), "fid_step": int(jax.device_get(state.step))}
+            "fid_reference": source, "fid_step": int(jax.device_get(state.step))}
   path = workdir / "summary.json"
   if jax.process_index() == 0:
     runlog.write_json(path, {**(runlog.read_json(path) if path.exists() else {}), **result})

@@ -7,6 +7,8 @@ log, eval and checkpoint boundaries.
 """
 
 import dataclasses
+import signal
+import threading
 import time
 
 import jax
@@ -14,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cifarjax import checkpoint, runlog
+from cifarjax.errors import Interrupted, note
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +59,41 @@ def _flush(pending, log, lr_fn, images_per_step, t_last, bar, last_good_step):
   return record, now
 
 
+class _StopOnCtrlC:
+  """While active, a first Ctrl-C (SIGINT) only asks the loop to stop at the next step
+  boundary (`requested`); a second one interrupts at once, as Python does by default.
+  Active only in the main thread of a single-process run, and only where SIGINT has
+  Python's default handler (several processes must stop together, and a caller's own
+  handler stays in charge)."""
+
+  def __init__(self):
+    self.requested, self._previous = False, None
+
+  def __enter__(self):
+    if (threading.current_thread() is threading.main_thread() and jax.process_count() == 1
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    note("Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again to stop "
+         "at once, losing the steps since the last checkpoint)")
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+
+
 def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSettings,
         desc="train"):
   """Trains from the latest checkpoint in `workdir` (or `state`) to `settings.steps`.
 
   Returns (final state, last evaluation dict, wall seconds spent in this call).
+  Ctrl-C stops it at the next step boundary after saving a checkpoint there, raising
+  `errors.Interrupted` (a KeyboardInterrupt); running it again resumes from that step.
   """
   s = settings
   mngr = checkpoint.manager(workdir, s.keep_checkpoints)
@@ -68,14 +101,31 @@ def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSett
   if restored is not None:
     state = restored
   start = int(jax.device_get(state.step))
+  if restored is not None and start < s.steps:
+    note(f"resuming from step {start} of {s.steps} (the checkpoint in {mngr.directory})")
+  elif restored is not None:
+    note(f"the checkpoint in {mngr.directory} is at step {start}, and the run asks for "
+         f"{s.steps}: nothing to train (a larger --steps trains on); evaluating")
+  else:
+    note(f"starting at step 0 of {s.steps}; the first step compiles the train step "
+         f"(seconds to minutes)")
   log = runlog.MetricsLog(workdir, resume_step=start)
   last_good = mngr.latest_step()
   pending, evaluation = [], {}
   t0 = t_last = time.perf_counter()
   bar = tqdm(total=s.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
+  stop = _StopOnCtrlC()
   try:
+    stop.__enter__()
     for step in range(start, s.steps):
+      if stop.requested and step > start:
+        if pending:
+          _flush(pending, log, lr_fn, s.batch_size, t_last, bar, last_good)
+          pending = []
+        if last_good != step:
+          checkpoint.save(mngr, step, state)
+        raise Interrupted(step, s.steps)
       batch, rng = draw(state)
       state, metrics = train_step(state, batch, rng)
       pending.append((step, metrics))
@@ -90,7 +140,9 @@ def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSett
         _, t_last = _flush(pending, log, lr_fn, s.batch_size, t_last, bar, last_good)
         pending = []
       if boundary["eval"]:
+        bar.set_description(f"{desc} (evaluating)")
         evaluation = evaluate(state)
+        bar.set_description(desc)
         if evaluation:
           log.write({"step": done, **evaluation})
         t_last = time.perf_counter()  # eval time is not training throughput
@@ -98,6 +150,7 @@ def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSett
         checkpoint.save(mngr, done, state)
         last_good = done
   finally:
+    stop.__exit__()
     bar.close()
     mngr.wait_until_finished()
     mngr.close()

@@ -15,6 +15,13 @@ def _series(records, key):
   return [p[0] for p in points], [p[1] for p in points]
 
 
+def _plot(ax, xs, ys, **kwargs):
+  """A line with a marker on each point, so that a series of one point shows too (a line
+  alone draws nothing there); markers shrink as points multiply."""
+  size = 4 if len(xs) <= 50 else 2 if len(xs) <= 500 else 0
+  ax.plot(xs, ys, marker="o" if size else None, markersize=size, **kwargs)
+
+
 def training_graph(workdir, out=None) -> pathlib.Path:
   """The paper's Fig. 4: train/test accuracy and loss against steps."""
   workdir = pathlib.Path(workdir)
@@ -22,10 +29,10 @@ def training_graph(workdir, out=None) -> pathlib.Path:
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   for key, label in (("loss", "train batch loss"), ("train_loss", "train loss"),
                      ("test_loss", "test loss")):
-    ax_loss.plot(*_series(records, key), label=label)
+    _plot(ax_loss, *_series(records, key), label=label)
   for key, label in (("accuracy", "train batch accuracy"), ("train_accuracy", "train accuracy"),
                      ("test_accuracy", "test accuracy")):
-    ax_acc.plot(*_series(records, key), label=label)
+    _plot(ax_acc, *_series(records, key), label=label)
   for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
     ax.set_xlabel("step")
     ax.set_title(title)
@@ -42,7 +49,7 @@ def loss_curve(workdir, out=None) -> pathlib.Path:
   """Training loss against steps (the generator's)."""
   workdir = pathlib.Path(workdir)
   fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot(*_series(runlog.read_metrics(workdir), "loss"))
+  _plot(ax, *_series(runlog.read_metrics(workdir), "loss"))
   ax.set_xlabel("step")
   ax.set_ylabel("loss")
   ax.set_yscale("log")

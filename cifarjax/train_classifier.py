@@ -145,15 +145,25 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
   collections and a "dropout" rng, as `Classifier`); pass the same one to
   `load_trained` to read its checkpoints back. Default: `paper_classifier`.
   """
+  from cifarjax.data import check_training_data
+  from cifarjax.errors import note
+  # Everything is checked before the workdir is touched: a rejected start leaves nothing
+  # that would block the corrected command.
+  config = config_lib.with_absolute_data(config_lib.validate(config))
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   config_lib.check_resumable(workdir, config)
   mesh = mesh or mesh_lib.make_mesh()
-  mesh_lib.check_batch_size(config.batch_size, mesh)
-  mesh_lib.check_batch_size(config.eval_batch_size, mesh)
+  config_lib.check_divisible("--batch-size", config.batch_size, mesh.size)
+  config_lib.check_divisible("config field eval_batch_size", config.eval_batch_size, mesh.size)
+  note(f"loading {config.data} (train and test splits)")
   train_data = load_split(config.data, "train", holdout=config.holdout)
   test_data = load_split(config.data, "test", holdout=config.holdout)
   test_data = with_class_order(test_data, train_data.class_names)
+  check_training_data(train_data, config.data, config.batch_size, min_classes=5,
+                      why=" (the classifier's evaluation reports top-5 accuracy)")
+  note(f"{len(train_data):,} training and {len(test_data):,} test images of "
+       f"{train_data.num_classes} classes; initialising the model (seconds to a minute)")
+  workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     config_lib.save_json(config, workdir / "config.json")
     runlog.write_json(workdir / "classes.json", list(train_data.class_names))
@@ -215,24 +225,45 @@ def load_trained(workdir, mesh=None, model: nn.Module | None = None):
   (trained with `model`, default `paper_classifier`)."""
   from cifarjax import checkpoint
   workdir = pathlib.Path(workdir)
-  config = config_lib.load_run_config(workdir, ClassifierConfig, "classifier", "train-classifier")
+  config = config_lib.load_run_config(workdir, ClassifierConfig,
+                                      "classifier (train-classifier) run", "train-classifier")
   class_names = tuple(runlog.read_json(workdir / "classes.json"))
   mesh = mesh or mesh_lib.make_mesh()
+  custom = model is not None
   model = model or paper_classifier(len(class_names), dropout_rate=config.dropout)
   tx, _ = make_optimizer(config, 1)
   like = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
-  state = checkpoint.load_latest(workdir, like)
+  try:
+    state = checkpoint.load_latest(workdir, like)
+  except ValueError as e:  # orbax's message lists the whole tree: kilobytes, unreadable
+    from cifarjax.errors import UserError
+    summary = workdir / "summary.json"
+    trained = runlog.read_json(summary).get("model") if summary.is_file() else None
+    what = (f"the model passed ({type(model).__name__})" if custom else
+            f"the paper classifier for {len(class_names)} classes")
+    hint = (f"the run trained a custom model ({trained}); " if trained not in
+            (None, "paper_classifier") else "was it trained with a custom model? ")
+    raise UserError(
+        f"the checkpoint in {workdir}/checkpoints does not fit {what}: {hint}load it from "
+        f"Python with cifarjax.train_classifier.load_trained(workdir, model=<that model>)"
+    ) from e
   return model, state, config, class_names
 
 
 def evaluate_workdir(workdir, data: str | None = None, split: str = "test",
                      batch_size: int = 1000, mesh=None) -> dict:
   """Top-1/top-5 accuracy of a trained classifier on any source whose classes it knows."""
+  from cifarjax.errors import UserError, note
+  if batch_size < 1:
+    raise UserError(f"--batch-size must be positive, got {batch_size}")
   mesh = mesh or mesh_lib.make_mesh()
+  note(f"loading the classifier in {workdir}")
   model, state, config, class_names = load_trained(workdir, mesh)
   batch_size = -(-batch_size // mesh.size) * mesh.size
+  note(f"loading {data or config.data} ({split} split)")
   data_split = with_class_order(load_split(data or config.data, split, holdout=config.holdout),
                                 class_names)
+  note(f"evaluating on {len(data_split):,} images (the first batch compiles)")
   images, labels = put_split(data_split, mesh, batch_size)
   result = make_evaluate_split(model, mesh, batch_size)(
       state.params, state.batch_stats, images, labels, len(data_split))

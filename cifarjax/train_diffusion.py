@@ -169,12 +169,23 @@ def put_split(data, mesh):
 def train(config: DiffusionConfig, workdir, mesh=None) -> dict:
   """Trains (or resumes) the generator in `workdir`; returns the summary."""
   from cifarjax.train_classifier import describe_devices
+  from cifarjax.data import check_training_data
+  from cifarjax.errors import UserError, note
+  # Everything is checked before the workdir is touched: a rejected start leaves nothing
+  # that would block the corrected command.
+  config = config_lib.with_absolute_data(config_lib.validate(config))
+  if config.unet not in UNET_SIZES:
+    raise UserError(f"--unet must be one of {', '.join(UNET_SIZES)}, got {config.unet!r}")
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   config_lib.check_resumable(workdir, config)
   mesh = mesh or mesh_lib.make_mesh()
-  mesh_lib.check_batch_size(config.batch_size, mesh)
+  config_lib.check_divisible("--batch-size", config.batch_size, mesh.size)
+  note(f"loading {config.data} (train split)")
   train_data = load_split(config.data, "train", holdout=config.holdout)
+  check_training_data(train_data, config.data, config.batch_size, min_classes=1)
+  note(f"{len(train_data):,} training images of {train_data.num_classes} classes; "
+       f"initialising the model (seconds to a minute)")
+  workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     config_lib.save_json(config, workdir / "config.json")
     runlog.write_json(workdir / "classes.json", list(train_data.class_names))
@@ -216,12 +227,18 @@ def load_trained(workdir, mesh=None):
   """(model, state, config, class_names) of the latest checkpoint in a generator workdir."""
   from cifarjax import checkpoint
   workdir = pathlib.Path(workdir)
-  config = config_lib.load_run_config(workdir, DiffusionConfig, "diffusion (generator) run",
+  config = config_lib.load_run_config(workdir, DiffusionConfig, "generator (train-diffusion) run",
                                       "train-diffusion")
   class_names = tuple(runlog.read_json(workdir / "classes.json"))
   mesh = mesh or mesh_lib.make_mesh()
   model = make_unet(config, len(class_names))
   tx, _ = make_optimizer(config, 1)
   like = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
-  state = checkpoint.load_latest(workdir, like)
+  try:
+    state = checkpoint.load_latest(workdir, like)
+  except ValueError as e:  # orbax's message lists the whole tree: kilobytes, unreadable
+    from cifarjax.errors import UserError
+    raise UserError(f"the checkpoint in {workdir}/checkpoints does not fit the "
+                    f"{config.unet!r} U-Net for {len(class_names)} classes that its "
+                    f"config.json describes (written by another version of cifarjax?)") from e
   return model, state, config, class_names

@@ -17,7 +17,7 @@ def _png(array):
   return buf.getvalue()
 
 
-def _tree(splits=("train",), per_class=4, size=8):
+def _tree(splits=("train",), per_class=4, size=32):
   """{relative path: (png bytes, image, class)} of a small `<split>/<class>/<file>` tree."""
   rng = np.random.default_rng(0)
   tree = {}
@@ -50,7 +50,7 @@ def test_image_folder_round_trip(image_source):
   for split in ("train", "test"):
     data = load_split(str(path), split)
     assert data.class_names == ("airplane", "cat", "dog")
-    assert data.images.dtype == np.uint8 and data.images.shape == (12, 8, 8, 3)
+    assert data.images.dtype == np.uint8 and data.images.shape == (12, 32, 32, 3)
     expected = [(img, cls) for name, (_, img, cls) in sorted(tree.items(), key=lambda kv: (kv[1][2], kv[0]))
                 if name.startswith(split)]
     for i, (img, cls) in enumerate(expected):

@@ -1,0 +1,45 @@
+"""The subcommand groups of the `cifarjax` command line, and the checks they share."""
+
+import contextlib
+import pathlib
+import shutil
+
+from cifarjax.errors import UserError
+
+# Files a training run writes into its workdir before its first checkpoint.
+_START_FILES = ("config.json", "classes.json", "metrics.jsonl", "summary.json")
+
+
+def positive(flag: str, value, allow_none: bool = False):
+  """Raises a UserError unless `value` is a positive integer (or None where allowed)."""
+  if value is None and allow_none:
+    return
+  if value is None or value < 1:
+    raise UserError(f"{flag} must be positive, got {value}")
+
+
+def _has_checkpoint(workdir: pathlib.Path) -> bool:
+  folder = workdir / "checkpoints"
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+@contextlib.contextmanager
+def fresh_start_guard(workdir):
+  """Where a new run (no config.json yet) fails before its first checkpoint, removes what
+  it wrote, so that the corrected command starts cleanly instead of meeting "holds a run
+  with another config". A workdir that already held a run is left as it is."""
+  workdir = pathlib.Path(workdir)
+  existed = workdir.exists()
+  fresh = not (workdir / "config.json").exists()
+  try:
+    yield
+  except BaseException:
+    if fresh and workdir.is_dir() and not _has_checkpoint(workdir):
+      for name in _START_FILES:
+        (workdir / name).unlink(missing_ok=True)
+      checkpoints = workdir / "checkpoints"
+      if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        shutil.rmtree(checkpoints, ignore_errors=True)
+      if not existed and not any(workdir.iterdir()):
+        workdir.rmdir()
+    raise

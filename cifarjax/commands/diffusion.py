@@ -1,25 +1,43 @@
-"""`cifarjax train-diffusion`, `sample`, `interpolate` and `eval-diffusion`."""
+"""`cifarjax train-diffusion`, `sample`, `interpolate` and `eval-diffusion`.
+
+Every flag is checked against the workdir's saved run (its classes, its number of
+timesteps) before the generator is loaded, so a mistake costs no model load.
+"""
 
 import dataclasses
 import json
 
+from cifarjax.commands import fresh_start_guard, positive
+from cifarjax.commands.classifier import DATA_HELP
+
+# The paper preset's values, shown by --help (tests/test_cli.py checks them against config.py).
+PAPER = {"data": "cifar100", "holdout": 5000, "steps": 50_000, "batch_size": 256,
+         "label_dropout": 0.0, "unet": "paper", "eval_every": 1000, "checkpoint_every": 1000,
+         "log_every": 100, "seed": 0}
+
 
 def register(subparsers):
-  p = subparsers.add_parser("train-diffusion", help="train (or resume) the paper's generator")
+  p = subparsers.add_parser("train-diffusion", help="train (or resume) the paper's generator",
+                            description="Train the paper's generator, or resume the run in "
+                            "--workdir (run the same command again to resume).")
   p.add_argument("--preset", default="paper",
-                 help="paper (default) or linear-schedule (section 4's comparison, batch 128)")
-  p.add_argument("--data", help="cifar100 (default), cifar10, synthetic, or a path")
-  p.add_argument("--holdout", type=int, help="held-out train examples where the source has no test split")
-  p.add_argument("--steps", type=int)
-  p.add_argument("--batch-size", type=int)
+                 help="paper or linear-schedule (section 4's comparison, batch 128)")
+  p.add_argument("--data", help=f"{DATA_HELP} (default: {PAPER['data']})")
+  p.add_argument("--holdout", type=int, help="held-out train examples where the source has no "
+                 f"test split (default: {PAPER['holdout']})")
+  p.add_argument("--steps", type=int, help=f"training steps (default: {PAPER['steps']})")
+  p.add_argument("--batch-size", type=int, help=f"default: {PAPER['batch_size']} "
+                 "(linear-schedule: 128)")
   p.add_argument("--label-dropout", type=float,
-                 help="train the null label for classifier-free guidance (beyond the paper; default 0)")
-  p.add_argument("--unet", help="U-Net size: paper (default) or tiny")
-  p.add_argument("--eval-every", type=int)
-  p.add_argument("--checkpoint-every", type=int)
-  p.add_argument("--log-every", type=int)
-  p.add_argument("--workdir", default="runs/diffusion")
-  p.add_argument("--seed", type=int)
+                 help="train the null label for classifier-free guidance (beyond the paper; "
+                 f"default: {PAPER['label_dropout']})")
+  p.add_argument("--unet", help=f"U-Net size: paper or tiny (default: {PAPER['unet']})")
+  p.add_argument("--eval-every", type=int, help=f"default: {PAPER['eval_every']}")
+  p.add_argument("--checkpoint-every", type=int, help=f"default: {PAPER['checkpoint_every']}")
+  p.add_argument("--log-every", type=int, help=f"default: {PAPER['log_every']}")
+  p.add_argument("--workdir", default="runs/diffusion",
+                 help="where the run keeps its config, metrics, plots and checkpoints")
+  p.add_argument("--seed", type=int, help=f"default: {PAPER['seed']}")
   p.set_defaults(func=train)
 
   p = subparsers.add_parser("sample", help="sample images from a trained generator")
@@ -30,38 +48,43 @@ def register(subparsers):
   _sampler_args(p)
   p.add_argument("--guidance", type=float, default=0.0,
                  help="classifier-free guidance weight (needs a model trained with --label-dropout)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--out", required=True, metavar="FILE.npz",
-                 help="writes 'images' (uint8 N x 32 x 32 x 3) and 'labels', and FILE.png beside it")
+                 help="writes 'images' (uint8 N x 32 x 32 x 3) and 'labels', and FILE.png beside "
+                 "it: a sheet with a row per class, named, the images enlarged 3x")
   p.set_defaults(func=sample)
 
   p = subparsers.add_parser("interpolate",
                             help="interpolate between two dataset images through DDIM latents")
   p.add_argument("--workdir", required=True)
   p.add_argument("--data", required=True, help="the source of the two images")
-  p.add_argument("--split", default="train")
+  p.add_argument("--split", default="train", help="the split --a and --b index")
   p.add_argument("--a", type=int, required=True, help="index of the first image in the split")
   p.add_argument("--b", type=int, required=True, help="index of the second image")
-  p.add_argument("--frames", type=int, default=8)
+  p.add_argument("--frames", type=int, default=8, help="frames between a and b, both "
+                 "reconstructions included")
   p.add_argument("--steps", type=int, default=50, help="DDIM steps of inversion and decoding")
-  p.add_argument("--out", required=True, metavar="FILE.png")
+  p.add_argument("--out", required=True, metavar="FILE.png",
+                 help="a strip: image a, the frames, image b")
   p.set_defaults(func=interpolate)
 
   p = subparsers.add_parser("eval-diffusion", help="FID of a trained generator's samples")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--num", type=int, required=True, help="number of samples (the paper: 10,000)")
+  p.add_argument("--num", type=int, required=True,
+                 help="number of samples (the paper: 10,000; FID of fewer than 2,048 is biased)")
   p.add_argument("--weights", help="FID Inception weights (as `cifarjax fid --weights`)")
-  p.add_argument("--reference", help="FID reference source (default: the training data's train "
-                 "split, its statistics cached)")
+  p.add_argument("--reference", help="FID reference: a stats .npz (mu, sigma; used as it is) "
+                 "or any FID source (its statistics cached). Default: the training images of "
+                 "the run's data (without its held-out slice), their statistics cached")
   _sampler_args(p)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--json", action="store_true", help="print one JSON line")
   p.set_defaults(func=evaluate)
 
 
 def _sampler_args(p):
   p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
-                 help="ddpm: the paper's ancestral sampler, all T steps (default); "
+                 help="ddpm: the paper's ancestral sampler, all T steps; "
                       "ddim: deterministic, --steps of them (e.g. 50: ~20x faster)")
   p.add_argument("--steps", type=int, help="sampler steps (ddim default: 50)")
   p.add_argument("--batch-size", type=int, default=256, help="images per compiled batch")
@@ -73,19 +96,43 @@ def _steps(args):
 
 def _load_config(workdir):
   from cifarjax.config import DiffusionConfig, load_run_config
-  return load_run_config(workdir, DiffusionConfig, "diffusion (generator) run", "train-diffusion")
+  return load_run_config(workdir, DiffusionConfig, "generator (train-diffusion) run",
+                         "train-diffusion")
+
+
+def _class_names(workdir) -> list[str]:
+  import pathlib
+  from cifarjax import runlog
+  return runlog.read_json(pathlib.Path(workdir) / "classes.json")
+
+
+def _check_sampler(args, config):
+  """--steps and --batch-size against the sampler and the run's T, before any model load."""
+  from cifarjax.errors import UserError
+  positive("--batch-size", args.batch_size)
+  positive("--steps", args.steps, allow_none=True)
+  T = config.num_timesteps
+  if args.sampler == "ddpm" and args.steps not in (None, T):
+    raise UserError(f"--sampler ddpm runs all {T} steps of this model; for --steps "
+                    f"{args.steps} use --sampler ddim")
+  if args.steps is not None and args.steps > T:
+    raise UserError(f"--steps must be at most the model's {T} timesteps, got {args.steps}")
 
 
 def _parse_labels(text: str) -> list[int]:
+  from cifarjax.errors import UserError
   try:
-    return [int(v) for v in text.split(",") if v.strip()]
+    labels = [int(v) for v in text.split(",") if v.strip()]
   except ValueError:
-    raise ValueError(f"--labels must be comma-separated integers, got {text!r}") from None
+    raise UserError(f"--labels must be comma-separated integers, got {text!r}") from None
+  if not labels:
+    raise UserError(f"--labels names no class, got {text!r}")
+  return labels
 
 
 def train(args):
   from cifarjax import mesh as mesh_lib
-  from cifarjax.config import DIFFUSION_PRESETS, preset
+  from cifarjax.config import DIFFUSION_PRESETS, preset, validate
   from cifarjax.train_diffusion import train as train_diffusion
   mesh_lib.initialize_distributed()
   config = preset(DIFFUSION_PRESETS, args.preset)
@@ -93,57 +140,77 @@ def train(args):
                                              "label_dropout", "unet", "eval_every",
                                              "checkpoint_every", "log_every", "seed")
                if getattr(args, k) is not None}
-  config = dataclasses.replace(config, **overrides)
-  summary = train_diffusion(config, args.workdir)
+  config = validate(dataclasses.replace(config, **overrides))
+  with fresh_start_guard(args.workdir):
+    summary = train_diffusion(config, args.workdir)
   print(json.dumps(summary, indent=2))
 
 
 def sample(args):
   import pathlib
   import numpy as np
-  from cifarjax import generate, image_grid, mesh as mesh_lib, runlog
-  mesh_lib.initialize_distributed()
+  from cifarjax import generate, image_grid, mesh as mesh_lib
+  from cifarjax.errors import UserError, note
   out = pathlib.Path(args.out)
   if out.suffix != ".npz":
-    raise ValueError(f"--out must end in .npz, got {out}")
-  if args.num < 1:
-    raise ValueError(f"--num must be positive, got {args.num}")
+    raise UserError(f"--out must end in .npz, got {out}")
+  positive("--num", args.num)
+  if args.guidance < 0:
+    raise UserError(f"--guidance must be non-negative, got {args.guidance}")
+  config = _load_config(args.workdir)  # a clear error for a workdir without a generator run
+  _check_sampler(args, config)
+  class_names = _class_names(args.workdir)
   if args.labels:
     labels = np.resize(np.asarray(_parse_labels(args.labels), np.int64), args.num)
+    generate.check_labels(labels, len(class_names))
   else:
-    _load_config(args.workdir)  # a clear error for a workdir without a generator run
-    num_classes = len(runlog.read_json(pathlib.Path(args.workdir) / "classes.json"))
-    labels = generate.default_labels(args.num, num_classes)
+    labels = generate.default_labels(args.num, len(class_names))
+  mesh_lib.initialize_distributed()
+  note(f"loading the generator in {args.workdir}")
   images = generate.generate(args.workdir, labels, args.sampler, _steps(args), args.guidance,
                              args.seed, args.batch_size)
   generate.save_npz(out, images, labels)
-  png = image_grid.write_grid(out.with_suffix(".png"), images, labels)
+  png = image_grid.write_grid(out.with_suffix(".png"), images, labels, class_names=class_names)
   print(f"wrote {out} ({len(images)} images) and {png}")
 
 
 def interpolate(args):
-  from cifarjax import generate, image_grid, mesh as mesh_lib
-  from cifarjax import runlog
-  from cifarjax.data import load_split, with_class_order
   import pathlib
-  mesh_lib.initialize_distributed()
+  from cifarjax import generate, image_grid, mesh as mesh_lib
+  from cifarjax.data import load_split, with_class_order
+  from cifarjax.errors import UserError, note
+  if pathlib.Path(args.out).suffix.lower() != ".png":
+    raise UserError(f"--out must end in .png, got {args.out}")
+  if args.frames < 2:
+    raise UserError(f"--frames must be at least 2, got {args.frames}")
+  positive("--steps", args.steps)
   config = _load_config(args.workdir)
+  if args.steps > config.num_timesteps:
+    raise UserError(f"--steps must be at most the model's {config.num_timesteps} timesteps, "
+                    f"got {args.steps}")
+  class_names = _class_names(args.workdir)
+  mesh_lib.initialize_distributed()
+  note(f"loading {args.data} ({args.split} split)")
   data = load_split(args.data, args.split, holdout=config.holdout)
   for name, i in (("--a", args.a), ("--b", args.b)):
     if not 0 <= i < len(data):
-      raise ValueError(f"{name} {i} is outside {args.data}:{args.split} ({len(data)} images)")
-  data = with_class_order(data, runlog.read_json(pathlib.Path(args.workdir) / "classes.json"))
-  frames, labels = generate.interpolate(args.workdir, data.images[args.a], int(data.labels[args.a]),
-                                        data.images[args.b], int(data.labels[args.b]),
-                                        args.frames, args.steps)
-  png = image_grid.write_strip(args.out, frames)
+      raise UserError(f"{name} {i} is outside {args.data}:{args.split} ({len(data)} images)")
+  data = with_class_order(data, class_names)
+  a, b = data.images[args.a], data.images[args.b]
+  frames, labels = generate.interpolate(args.workdir, a, int(data.labels[args.a]),
+                                        b, int(data.labels[args.b]), args.frames, args.steps)
+  png = image_grid.write_strip(args.out, frames, sources=(a, b))
   names = [data.class_names[i] for i in labels]
-  print(f"wrote {png}: {len(frames)} frames, labels {' '.join(names)}")
+  print(f"wrote {png}: image a, {len(frames)} frames, image b; labels {' '.join(names)}")
 
 
 def evaluate(args):
   from cifarjax import mesh as mesh_lib
+  from cifarjax.errors import UserError
   from cifarjax.generate import evaluate_fid
+  if args.num < 2:
+    raise UserError(f"--num must be at least 2 (FID needs 2 samples), got {args.num}")
+  _check_sampler(args, _load_config(args.workdir))
   mesh_lib.initialize_distributed()
   result = evaluate_fid(args.workdir, args.num, weights=args.weights, reference=args.reference,
                         sampler=args.sampler, steps=_steps(args), seed=args.seed,

@@ -2,6 +2,8 @@
 
 import json
 
+from cifarjax.commands import positive
+
 SOURCE_HELP = ("a dataset name (cifar100, cifar10, synthetic), a folder or .zip of images "
                "(searched recursively), an .npz with a uint8 'images' array, or a stats .npz "
                "(mu, sigma)")
@@ -14,7 +16,7 @@ def _common(p):
   p.add_argument("--weights", help=WEIGHTS_HELP)
   p.add_argument("--batch-size", type=int, default=50,
                  help="images per step (rounded up to a multiple of the device count)")
-  p.add_argument("--split", default="train", help="split of a dataset source (default: train)")
+  p.add_argument("--split", default="train", help="split of a dataset source")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -36,6 +38,7 @@ def register(subparsers):
 def fid_stats(args):
   from cifarjax import mesh as mesh_lib
   from cifarjax.fid import save_stats, stats_from_source
+  positive("--batch-size", args.batch_size)
   mesh_lib.initialize_distributed()
   mu, sigma = stats_from_source(args.source, args.split, weights=args.weights,
                                 batch_size=args.batch_size, progress=not args.no_progress)
@@ -46,6 +49,7 @@ def fid_stats(args):
 def fid(args):
   from cifarjax import mesh as mesh_lib
   from cifarjax.fid import fid_from_sources
+  positive("--batch-size", args.batch_size)
   mesh_lib.initialize_distributed()
   value = fid_from_sources(args.source_a, args.source_b, args.split, weights=args.weights,
                            batch_size=args.batch_size, progress=not args.no_progress)

@@ -17,10 +17,12 @@ import pathlib
 import numpy as np
 
 from cifarjax.data.split import Split, check_images
+from cifarjax.errors import UserError, UserFileNotFoundError
 
 DATASET_NAMES = ("cifar100", "cifar10", "synthetic")
 EVAL_SPLITS = ("test", "validation")
 DEFAULT_HOLDOUT = 5000
+IMAGE_SIZE = (32, 32)  # what the models take
 HOLDOUT_SEED = 0  # fixed: the held-out slice must not move between runs
 
 
@@ -57,31 +59,61 @@ def _load_native(source: str, path: pathlib.Path | None, split: str, data_dir) -
 def holdout_indices(n: int, holdout: int) -> tuple[np.ndarray, np.ndarray]:
   """(train, held-out) indices: a fixed permutation's first n-holdout and last holdout."""
   if not 0 < holdout < n:
-    raise ValueError(f"holdout must be in (0, {n}) for a split of {n} examples, got {holdout}")
+    raise UserError(f"--holdout must be in (0, {n}) for a split of {n} examples, got {holdout}")
   perm = np.random.default_rng(HOLDOUT_SEED).permutation(n)
   return np.sort(perm[:n - holdout]), np.sort(perm[n - holdout:])
 
 
 def load_split(source: str = "cifar100", split: str = "train", *,
-               holdout: int = DEFAULT_HOLDOUT, data_dir=None) -> Split:
-  """Loads `split` of `source` (see the module docstring) into host memory."""
+               holdout: int = DEFAULT_HOLDOUT, data_dir=None,
+               image_size: tuple[int, int] | None = IMAGE_SIZE) -> Split:
+  """Loads `split` of `source` (see the module docstring) into host memory.
+
+  image_size: the (height, width) every image must have (the models take 32x32);
+  None accepts any size. Raises a UserError naming the source otherwise.
+  """
+  return _load_split(source, split, holdout, data_dir, image_size)
+
+
+def check_training_data(data: Split, source: str, batch_size: int, min_classes: int = 2,
+                        why: str = ""):
+  """Raises a UserError unless `data` (a training split) can train a model: at least
+  `min_classes` classes and at least `batch_size` images."""
+  if data.num_classes < min_classes:
+    raise UserError(f"{source} has {data.num_classes} class(es); training needs at least "
+                    f"{min_classes}{why}")
+  if len(data) < batch_size:
+    raise UserError(f"--batch-size {batch_size} exceeds the {len(data)} training images of "
+                    f"{source}")
+
+
+def _checked(data: Split, source: str, split: str, image_size) -> Split:
+  if image_size is not None and data.images.shape[1:3] != tuple(image_size):
+    h, w = data.images.shape[1:3]
+    raise UserError(
+        f"{source}:{split} holds {w}x{h} images, but the models take "
+        f"{image_size[1]}x{image_size[0]}; resize the images first")
+  return data
+
+
+def _load_split(source, split, holdout, data_dir, image_size) -> Split:
   path = None
   if source not in DATASET_NAMES:
     path = pathlib.Path(source).expanduser()
     if not path.exists():
-      raise FileNotFoundError(
+      raise UserFileNotFoundError(
           f"unknown data source {source!r}: not one of {', '.join(DATASET_NAMES)} and no such "
           f"file or folder (expected a cifar-100-python folder or .tar.gz, or an image folder "
           f"or .zip laid out <split>/<class>/<image>)")
   available = _available_splits(source, path)
   needs_holdout = "train" in available and not any(s in available for s in EVAL_SPLITS)
   if needs_holdout and split in EVAL_SPLITS + ("train",):
-    train = _load_native(source, path, "train", data_dir)
+    train = _checked(_load_native(source, path, "train", data_dir), source, "train", image_size)
     keep, held = holdout_indices(len(train), holdout)
     return train.take(held if split in EVAL_SPLITS else keep)
   if split not in available:
-    raise ValueError(f"{source} has no split {split!r}; it has {', '.join(available)}")
-  return _load_native(source, path, split, data_dir)
+    raise UserError(f"{source} has no split {split!r}; it has {', '.join(available)}")
+  return _checked(_load_native(source, path, split, data_dir), source, split, image_size)
 
 
 
@@ -105,5 +137,5 @@ def with_class_order(data: Split, class_names) -> Split:
   return Split(images=data.images, labels=mapping[data.labels], class_names=class_names)
 
 
-__all__ = ["Split", "check_images", "load_split", "with_class_order", "holdout_indices",
-           "DATASET_NAMES"]
+__all__ = ["Split", "check_images", "check_training_data", "load_split", "with_class_order",
+           "holdout_indices", "DATASET_NAMES", "IMAGE_SIZE"]

@@ -11,15 +11,18 @@ turn. `load_cifar_archive` reads the extracted folder or the .tar.gz itself.
 import codecs
 import dataclasses
 import functools
+import gzip
 import io
 import pathlib
 import pickle
 import tarfile
+import zlib
 
 import numpy as np
 
 from cifarjax import cache
 from cifarjax.data.split import Split
+from cifarjax.errors import UserError, clean_message
 
 SPLITS = ("train", "test")
 IMAGE_SHAPE = (3, 32, 32)  # as stored: channel planes first
@@ -233,7 +236,11 @@ def load_cifar_archive(path, split: str) -> Split:
     raise FileNotFoundError(
         f"CIFAR archive {path} does not exist (expected a cifar-100-python or "
         "cifar-10-batches-py folder, or its .tar.gz)")
-  layout, contents = _read_split_files(path, split)
+  try:
+    layout, contents = _read_split_files(path, split)
+  except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+    raise UserError(f"{path} is not a readable .tar.gz archive (truncated or corrupt?): "
+                    f"{clean_message(e)}") from e
   meta = _unpickle(contents[layout.meta], f"{path}/{layout.meta}")
   images, labels, coarse = [], [], []
   for f in layout.split_files[split]:

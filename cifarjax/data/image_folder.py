@@ -3,17 +3,27 @@
 import io
 import pathlib
 import zipfile
+import zlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from cifarjax.data.split import Split
+from cifarjax.errors import UserError, clean_message
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
+def _open_zip(path: pathlib.Path) -> zipfile.ZipFile:
+  try:
+    return zipfile.ZipFile(path)
+  except (zipfile.BadZipFile, EOFError) as e:
+    raise UserError(f"{path} is not a readable zip archive (truncated or corrupt?): "
+                    f"{clean_message(e)}") from e
+
+
 def _list_zip(path: pathlib.Path):
-  with zipfile.ZipFile(path) as zf:
+  with _open_zip(path) as zf:
     return [n for n in zf.namelist() if not n.endswith("/")]
 
 
@@ -36,6 +46,18 @@ def _index(names):
   return tree
 
 
+def decode_image(raw: bytes, name: str) -> np.ndarray:
+  """uint8 (H, W, 3) of an encoded image; a UserError naming `name` where PIL cannot."""
+  try:
+    with Image.open(io.BytesIO(raw)) as im:
+      return np.asarray(im.convert("RGB"))
+  except UnidentifiedImageError as e:
+    raise UserError(f"cannot decode image {name}: not an image file PIL can read "
+                    f"(empty, truncated or another format)") from e
+  except Exception as e:
+    raise UserError(f"cannot decode image {name}: {clean_message(e)}") from e
+
+
 def image_folder_splits(path) -> tuple[str, ...]:
   """The split names a folder tree or zip holds."""
   path = pathlib.Path(path)
@@ -52,31 +74,33 @@ def load_image_folder(path, split: str) -> Split:
   names = _list_zip(path) if is_zip else _list_dir(path)
   tree = _index(names)
   if split not in tree:
-    raise ValueError(
+    raise UserError(
         f"{path} has no split {split!r}: expected <split>/<class>/<image> with split in "
         f"{sorted(tree) or 'nothing found'}")
   class_names = tuple(sorted(tree[split]))
   members = [(m, label) for label, c in enumerate(class_names) for m in sorted(tree[split][c])]
 
-  zf = zipfile.ZipFile(path) if is_zip else None
+  zf = _open_zip(path) if is_zip else None
   try:
     images = []
     for member, _ in members:
-      raw = zf.read(member) if zf else (path / member).read_bytes()
       try:
-        with Image.open(io.BytesIO(raw)) as im:
-          images.append(np.asarray(im.convert("RGB")))
-      except Exception as e:
-        raise ValueError(f"cannot decode image {path}/{member}: {e}") from e
+        raw = zf.read(member) if zf else (path / member).read_bytes()
+      except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise UserError(f"cannot read {member} from {path} (truncated or corrupt zip?): "
+                        f"{clean_message(e)}") from e
+      images.append(decode_image(raw, f"{path}/{member}"))
   finally:
     if zf:
       zf.close()
   shapes = {im.shape for im in images}
   if len(shapes) != 1:
     first = next(m for (m, _), im in zip(members, images) if im.shape != images[0].shape)
-    raise ValueError(
-        f"images in {path} differ in size: {members[0][0]} is {images[0].shape}, "
-        f"{first} is not; resize them to one size first")
+    size = lambda im: f"{im.shape[1]}x{im.shape[0]}"  # noqa: E731
+    odd = next(im for im in images if im.shape != images[0].shape)
+    raise UserError(
+        f"images in {path} differ in size: {members[0][0]} is {size(images[0])}, "
+        f"{first} is {size(odd)}; resize them to one size (32x32) first")
   return Split(images=np.stack(images).astype(np.uint8),
                labels=np.array([label for _, label in members], np.int32),
                class_names=class_names)

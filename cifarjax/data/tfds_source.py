@@ -9,8 +9,10 @@ archive (`cifar_archive`). tensorflow-datasets is imported only inside the
 functions: the accelerator machines do not have it.
 """
 
+import contextlib
 import importlib.util
 import logging
+import pathlib
 
 import numpy as np
 
@@ -55,19 +57,43 @@ def _open_source(tfds, name: str, split: str, data_dir, download: bool):
   # data_source picks ArrayRecord by itself only when data_dir is None; with a
   # data_dir it would prepare TFRecord, which has no random access.
   builder_kwargs = {"file_format": "array_record"}
+  with _quiet_variant_warnings():
+    try:
+      return tfds.data_source(name, split=split, data_dir=data_dir, download=download,
+                              builder_kwargs=builder_kwargs)
+    except Exception as e:
+      if download:
+        raise
+      builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
+      if builder.is_prepared():
+        raise
+      # Without a prepared copy tfds fails with a KeyError about empty splits. Name
+      # the data dir the user chose (or tfds's default), not tfds's versioned subfolder.
+      root = pathlib.Path(builder.data_dir).parent.parent
+      where = f"{root}" + ("" if root.is_dir() else ", which does not exist")
+      raise TfdsUnavailableError(
+          f"tfds has no prepared {name} in {where}, and preparing it needs "
+          "TensorFlow, which is not installed") from e
+
+
+class _DropVariantWarnings(logging.Filter):
+  """Drops tfds's "Variant folder <data_dir>/<name>/<version> has no dataset_info.json":
+  it names a folder that does not exist wherever nothing is prepared, which is the
+  normal case here (the caller says what happens instead)."""
+
+  def filter(self, record):
+    return "has no dataset_info.json" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_variant_warnings():
+  absl = logging.getLogger("absl")
+  drop = _DropVariantWarnings()
+  absl.addFilter(drop)
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=download,
-                            builder_kwargs=builder_kwargs)
-  except Exception as e:
-    if download:
-      raise
-    builder = tfds.builder(name, data_dir=data_dir, **builder_kwargs)
-    if builder.is_prepared():
-      raise
-    # Without a prepared copy tfds fails with a KeyError about empty splits.
-    raise TfdsUnavailableError(
-        f"tfds has no prepared {name} in {builder.data_dir}, and preparing it needs "
-        "TensorFlow, which is not installed") from e
+    yield
+  finally:
+    absl.removeFilter(drop)
 
 
 def _read_all(source, length: int, has_coarse: bool):

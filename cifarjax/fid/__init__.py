@@ -11,7 +11,8 @@ from cifarjax.fid.features import DEFAULT_BATCH_SIZE, extract_features
 from cifarjax.fid.inception import FEATURE_DIM, FIDInception
 from cifarjax.fid.preprocessing import preprocess
 from cifarjax.fid.sources import (compute_fid, fid_from_sources, read_images, reference_stats,
-                                  save_stats, stats_from_images, stats_from_source)
+                                  save_stats, stats_from_images, stats_from_source,
+                                  training_reference_stats)
 from cifarjax.fid.stats import activation_statistics, frechet_distance
 from cifarjax.cache import cache_dir
 from cifarjax.fid.weights import (WEIGHTS_ENV, load_inception_params,
@@ -22,4 +23,5 @@ __all__ = [
     "cache_dir", "compute_fid", "extract_features", "fid_from_sources", "frechet_distance",
     "load_inception_params", "preprocess", "read_images", "reference_stats",
     "resolve_weights_path", "save_stats", "stats_from_images", "stats_from_source",
+    "training_reference_stats",
 ]

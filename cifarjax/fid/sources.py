@@ -10,14 +10,15 @@ A source is
 """
 
 import hashlib
-import io
 import json
 import pathlib
 import zipfile
+import zlib
 
 import numpy as np
 
 from cifarjax import cache
+from cifarjax.errors import UserError, UserFileNotFoundError, clean_message, note
 from cifarjax.fid import features as features_lib
 from cifarjax.fid import stats as stats_lib
 from cifarjax.fid import weights as weights_lib
@@ -27,21 +28,17 @@ DATASET_NAMES = ("cifar100", "cifar10", "synthetic")  # cifarjax.data's names
 
 
 def _decode(raw: bytes, name: str) -> np.ndarray:
-  from PIL import Image
-  try:
-    with Image.open(io.BytesIO(raw)) as im:
-      return np.asarray(im.convert("RGB"))
-  except Exception as e:
-    raise ValueError(f"cannot decode image {name}: {e}") from e
+  from cifarjax.data.image_folder import decode_image
+  return decode_image(raw, name)
 
 
 def _stack(images, names, where) -> np.ndarray:
   if not images:
-    raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {where}")
+    raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {where}")
   first = images[0].shape
   for im, name in zip(images, names):
     if im.shape != first:
-      raise ValueError(f"images under {where} differ in size: {names[0]} is {first[1]}x{first[0]}, "
+      raise UserError(f"images under {where} differ in size: {names[0]} is {first[1]}x{first[0]}, "
                        f"{name} is {im.shape[1]}x{im.shape[0]}; FID needs one size")
   return np.stack(images).astype(np.uint8)
 
@@ -50,19 +47,25 @@ def read_images(path) -> np.ndarray:
   """uint8 (N, H, W, 3) of every image in a folder or .zip, recursively, sorted by path."""
   path = pathlib.Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"no such folder or zip of images: {path}")
+    raise UserFileNotFoundError(f"no such folder or zip of images: {path}")
   if path.is_dir():
     files = sorted(p for p in path.rglob("*")
                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     names = [p.relative_to(path).as_posix() for p in files]
     return _stack([_decode(p.read_bytes(), str(p)) for p in files], names, path)
   if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as zf:
-      names = sorted(n for n in zf.namelist()
-                     if not n.endswith("/") and pathlib.PurePosixPath(n).suffix.lower()
-                     in IMAGE_SUFFIXES)
-      return _stack([_decode(zf.read(n), f"{path}:{n}") for n in names], names, path)
-  raise ValueError(f"{path} is neither a folder nor a .zip of images")
+    try:
+      with zipfile.ZipFile(path) as zf:
+        names = sorted(n for n in zf.namelist()
+                       if not n.endswith("/") and pathlib.PurePosixPath(n).suffix.lower()
+                       in IMAGE_SUFFIXES)
+        return _stack([_decode(zf.read(n), f"{path}:{n}") for n in names], names, path)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+      raise UserError(f"{path} is not a readable zip archive (truncated or corrupt?): "
+                      f"{clean_message(e)}") from e
+  if path.suffix.lower() == ".zip":
+    raise UserError(f"{path} is not a readable zip archive (truncated or corrupt?)")
+  raise UserError(f"{path} is neither a folder nor a .zip of images")
 
 
 def _is_cifar_archive(path: pathlib.Path) -> bool:
@@ -78,30 +81,30 @@ def load_source(source, split: str = "train"):
   source = str(source)
   if source in DATASET_NAMES:
     from cifarjax.data import load_split  # lazy: the data layer is heavy (tfds)
-    return "images", load_split(source, split).images
+    return "images", load_split(source, split, image_size=None).images
   path = pathlib.Path(source).expanduser()
   if not path.exists():
-    raise FileNotFoundError(
+    raise UserFileNotFoundError(
         f"FID source {source!r} is not a dataset name ({', '.join(DATASET_NAMES)}) nor an "
         f"existing .npz, folder or .zip of images")
   if path.suffix == ".npz":
-    with np.load(path, allow_pickle=False) as npz:
-      if "mu" in npz.files and "sigma" in npz.files:
-        return "stats", (npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64))
-      if "images" in npz.files:
-        return "images", npz["images"]
-      raise ValueError(f"{path} holds neither FID statistics (mu, sigma) nor images "
-                       f"(a uint8 'images' array); it has {', '.join(npz.files) or 'nothing'}")
+    npz = weights_lib.load_npz(path, "FID source")
+    if "mu" in npz and "sigma" in npz:
+      return "stats", (npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64))
+    if "images" in npz:
+      return "images", npz["images"]
+    raise UserError(f"{path} holds neither FID statistics (mu, sigma) nor images "
+                    f"(a uint8 'images' array); it has {', '.join(npz) or 'nothing'}")
   if _is_cifar_archive(path):
     from cifarjax.data import load_split
-    return "images", load_split(str(path), split).images
+    return "images", load_split(str(path), split, image_size=None).images
   return "images", read_images(path)
 
 
 def stats_from_images(images, variables, batch_size=features_lib.DEFAULT_BATCH_SIZE, mesh=None,
-                      progress=True):
+                      progress=True, desc="FID features"):
   """(mu, sigma) float64 of the pool3 features of uint8 NHWC images."""
-  acts = features_lib.extract_features(images, variables, batch_size, mesh, progress)
+  acts = features_lib.extract_features(images, variables, batch_size, mesh, progress, desc=desc)
   return stats_lib.activation_statistics(acts)
 
 
@@ -167,18 +170,58 @@ def reference_stats_path(dataset: str, split: str, weights_sha256: str) -> pathl
 
 def reference_stats(dataset: str = "cifar100", split: str = "train", weights=None,
                     batch_size=features_lib.DEFAULT_BATCH_SIZE, mesh=None, progress=True):
-  """(mu, sigma) of a dataset split, computed once per machine and cached.
+  """(mu, sigma) of a dataset split or any FID source, computed once per machine and cached.
 
   The cache file (in `cifarjax.cache.cache_dir()/fid_stats`) is keyed by the dataset, the split
-  and the weights file's sha256, so other weights never reuse stale statistics.
+  and the weights file's sha256, so other weights never reuse stale statistics. A stats
+  `.npz` (mu, sigma) is used as it is: neither copied nor cached. Says (`errors.note`)
+  which statistics it uses, and when it computes them.
   """
+  loaded = None
+  if isinstance(dataset, (str, pathlib.PurePath)) and pathlib.Path(dataset).suffix == ".npz":
+    loaded = load_source(dataset, split)
+    if loaded[0] == "stats":
+      note(f"FID reference: the statistics in {dataset}, used as they are")
+      return loaded[1]
   path = weights_lib.resolve_weights_path(weights)
-  cached = reference_stats_path(dataset, split, weights_lib.file_sha256(path))
+  cached = reference_stats_path(str(dataset), split, weights_lib.file_sha256(path))
   if cached.is_file():
+    note(f"FID reference: {dataset} ({split}), its statistics cached in {cached}")
     with np.load(cached, allow_pickle=False) as npz:
       return npz["mu"], npz["sigma"]
-  mu, sigma = stats_from_source(dataset, split, weights=path, batch_size=batch_size, mesh=mesh,
-                                progress=progress)
+  note(f"FID reference: {dataset} ({split}); computing its statistics once, cached in {cached}")
+  if loaded is not None:  # an .npz of images, already read
+    mu, sigma = _stats(loaded, [], path, batch_size, mesh, progress)
+  else:
+    mu, sigma = stats_from_source(dataset, split, weights=path, batch_size=batch_size, mesh=mesh,
+                                  progress=progress)
+  save_stats(cached, mu, sigma)
+  return mu, sigma
+
+
+def training_reference_stats(data: str, holdout: int, weights=None,
+                             batch_size=features_lib.DEFAULT_BATCH_SIZE, mesh=None,
+                             progress=True):
+  """(mu, sigma) of the images a generator trained on: `load_split(data, "train",
+  holdout=holdout)`, so where the source has no test split the held-out slice stays out
+  of the reference. Cached as `reference_stats` (keyed by the holdout too)."""
+  path = weights_lib.resolve_weights_path(weights)
+  # Datasets and CIFAR archives have a test split: their train split is all of train.
+  whole = data in DATASET_NAMES or _is_cifar_archive(pathlib.Path(data).expanduser())
+  split = "train" if whole else f"train-holdout{holdout}"
+  cached = reference_stats_path(data, split, weights_lib.file_sha256(path))
+  if cached.is_file():
+    note(f"FID reference: the training images of {data}, their statistics cached in {cached}")
+    with np.load(cached, allow_pickle=False) as npz:
+      return npz["mu"], npz["sigma"]
+  from cifarjax.data import load_split
+  note(f"FID reference: loading the training images of {data}")
+  images = load_split(data, "train", holdout=holdout).images
+  held_out = "" if whole else f" (the {holdout:,} held out for testing left out)"
+  note(f"FID reference: the {len(images):,} training images of {data}{held_out}; computing "
+       f"their statistics once, cached in {cached}")
+  mu, sigma = stats_from_images(images, as_variables(path), batch_size, mesh, progress,
+                                desc="FID reference")
   save_stats(cached, mu, sigma)
   return mu, sigma
 

@@ -5,15 +5,27 @@ import warnings
 import numpy as np
 from scipy import linalg
 
+from cifarjax.errors import Notice, UserError, note
+
 # pytorch-fid's tolerance on the diagonal of sqrtm's imaginary part.
 IMAGINARY_ATOL = 1e-3
 
 
 def activation_statistics(acts):
-  """(mu, sigma) in float64: the mean and the covariance (rowvar=False) of (N, D) features."""
+  """(mu, sigma) in float64: the mean and the covariance (rowvar=False) of (N, D) features.
+
+  Warns (`errors.Notice`) where N < D: the covariance of fewer images than feature
+  dimensions is singular, and the FID it gives is far above the FID of many images.
+  """
   acts = np.asarray(acts, np.float64)
   if acts.ndim != 2 or len(acts) < 2:
-    raise ValueError(f"features must be (N, D) with N >= 2, got shape {acts.shape}")
+    raise UserError(f"FID needs the features of at least 2 images, got shape {acts.shape}")
+  n, d = acts.shape
+  if n < d:
+    warnings.warn(Notice(
+        f"FID statistics from {n:,} images, fewer than the {d:,} feature dimensions: the "
+        f"covariance is singular and the FID is biased high, comparable only with FIDs of "
+        f"as many images; use at least {d:,} (the paper: 10,000)"), stacklevel=2)
   return np.mean(acts, axis=0), np.cov(acts, rowvar=False)
 
 
@@ -56,6 +68,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 
         f"covariances must both be {mu1.shape * 2}, got {sigma1.shape} and {sigma2.shape}")
 
   diff = mu1 - mu2
+  if mu1.size >= 512:
+    note(f"Fréchet distance of {mu1.size}-d statistics ({method}"
+         + ("; about a minute on a CPU)" if method == "sqrtm" else ")"))
   if method == "eigh":
     tr_covmean = _trace_sqrt_product_eigh(sigma1, sigma2)
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)

@@ -10,12 +10,17 @@ release file is downloaded once into the cache directory.
 import functools
 import os
 import pathlib
+import pickle
+import struct
+import zipfile
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cifarjax import cache
+from cifarjax.errors import UserError, UserFileNotFoundError, clean_message
 
 WEIGHTS_ENV = "CIFARJAX_FID_WEIGHTS"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -64,7 +69,8 @@ def resolve_weights_path(path=None, download: bool = True) -> pathlib.Path:
   if path is not None:
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
-      raise FileNotFoundError(f"FID weights file {path} does not exist; {_offline_hint()}")
+      raise UserFileNotFoundError(
+          f"FID weights file {path} does not exist; {_offline_hint()}")
     return path
   if os.environ.get(WEIGHTS_ENV):
     path = pathlib.Path(os.environ[WEIGHTS_ENV]).expanduser()
@@ -84,16 +90,34 @@ def resolve_weights_path(path=None, download: bool = True) -> pathlib.Path:
   return download_weights()
 
 
+def load_npz(path, what: str) -> dict[str, np.ndarray]:
+  """Every array of an .npz (no pickles); a UserError naming `what` and the file where it
+  is truncated, corrupt or not an .npz."""
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      return {k: npz[k] for k in npz.files}
+  except (zipfile.BadZipFile, EOFError, zlib.error, ValueError, OSError) as e:
+    raise UserError(f"{what} {path} is not a readable .npz (truncated or corrupt?): "
+                    f"{clean_message(e)}") from e
+
+
 def read_state_dict(path) -> dict[str, np.ndarray]:
   """{torch name: array} from an .npz or a torch.save file (neither runs pickled code)."""
   path = pathlib.Path(path)
-  with open(path, "rb") as f:
-    is_npz = f.read(4) == b"PK\x03\x04" and path.suffix == ".npz"
-  if is_npz:
-    with np.load(path, allow_pickle=False) as npz:
-      return {k: npz[k] for k in npz.files}
-  from cifarjax.fid.torch_file import load_torch_state_dict
-  return load_torch_state_dict(path)
+  if path.suffix == ".npz":
+    state_dict = load_npz(path, "FID weights file")
+  else:
+    from cifarjax.fid.torch_file import load_torch_state_dict
+    try:
+      state_dict = load_torch_state_dict(path)
+    except (ValueError, pickle.UnpicklingError, EOFError, struct.error, zipfile.BadZipFile,
+            KeyError) as e:
+      raise UserError(f"FID weights file {path} is not a readable torch.save file "
+                      f"(truncated, corrupt or another format): {clean_message(e)}") from e
+  if not state_dict:
+    raise UserError(f"FID weights file {path} holds no arrays; expected pytorch-fid's "
+                    f"{WEIGHTS_FILENAME} or an .npz of its state dict")
+  return state_dict
 
 
 @functools.lru_cache(maxsize=1)
@@ -145,7 +169,7 @@ def variables_from_state_dict(state_dict, source="state dict"):
       more = f" and {len(items) - 5} more" if len(items) > 5 else ""
       problems.append(f"{len(items)} {what} ({'; '.join(items[:5])}{more})")
   if problems:
-    raise ValueError(f"{source} is not pytorch-fid's FID Inception state dict: "
+    raise UserError(f"{source} is not pytorch-fid's FID Inception state dict: "
                      + ", ".join(problems))
 
   variables = {"params": {}, "batch_stats": {}}

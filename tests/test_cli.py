@@ -1,0 +1,462 @@
+"""The command line's promises (issue 12): bad input is caught before work starts and
+reported in one line (exit 2) with the workdir untouched; long phases say what they do;
+Ctrl-C saves and says how to resume (exit 130); outputs are readable.
+
+Everything runs through `cli.main(argv)` in-process. One tiny classifier run (module
+fixture `classifier_run`) serves the tests that need a trained workdir; a generator
+workdir is made from an untrained tiny U-Net (`generator_dir`), and the FID tests stand
+in fast fakes for the Inception features, so the file needs no weights.
+"""
+
+import contextlib
+import io
+import json
+import signal
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cifarjax import checkpoint, cli, config as config_lib, runlog
+from cifarjax.config import ClassifierConfig, DiffusionConfig
+
+
+def call(*argv):
+  """(exit code, stdout, stderr) of `cifarjax argv...`."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = cli.main([str(a) for a in argv])
+  return code, out.getvalue(), err.getvalue()
+
+
+def error_of(err: str, command: str) -> str:
+  """The single error line of a command that failed on a user mistake."""
+  assert "Traceback" not in err, err
+  lines = [line for line in err.splitlines() if line.startswith(f"cifarjax {command}: error: ")]
+  assert len(lines) == 1, err
+  return lines[0]
+
+
+def png_bytes(size=32, seed=0) -> bytes:
+  rng = np.random.default_rng(seed)
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def image_zip(path, classes=5, per_class=8, size=32, extra=None):
+  """A zip of train/<class>/<i>.png only (so a held-out slice of train stands in for test)."""
+  with zipfile.ZipFile(path, "w") as zf:
+    for c in range(classes):
+      for i in range(per_class):
+        zf.writestr(f"train/class_{c}/{i}.png", png_bytes(size, seed=c * 100 + i))
+    for name, data in (extra or {}).items():
+      zf.writestr(name, data)
+  return path
+
+
+TRAIN = ("--steps", 3, "--batch-size", 8, "--log-every", 1, "--eval-every", 3,
+         "--checkpoint-every", 3, "--holdout", 10)
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory):
+  """Runs, from a folder of its own with a relative --data: a start with --batch-size 0
+  (refused), a start that Ctrl-C stops at step 1, and the same command again (resumes)."""
+  root = tmp_path_factory.mktemp("cli_run")
+  image_zip(root / "data.zip")
+  record = {"root": root, "workdir": root / "run"}
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+  with pytest.MonkeyPatch.context() as mp:
+    mp.chdir(root)
+    record["zero"] = call("train-classifier", "--data", "data.zip", *TRAIN,
+                          "--batch-size", 0, "--workdir", "run")
+    record["zero_left"] = (root / "run").exists()
+
+    original = runlog.MetricsLog.write
+    def write_then_ctrl_c(self, rec):  # Ctrl-C right after the first logged step
+      original(self, rec)
+      if rec.get("step") == 1 and "loss" in rec:
+        signal.raise_signal(signal.SIGINT)
+    mp.setattr(runlog.MetricsLog, "write", write_then_ctrl_c)
+    record["interrupted"] = call("train-classifier", "--data", "data.zip", *TRAIN,
+                                 "--workdir", "run")
+    mngr = checkpoint.manager(root / "run", None)
+    record["steps_saved"] = list(mngr.all_steps())
+    mngr.close()
+    mp.setattr(runlog.MetricsLog, "write", original)
+    record["resumed"] = call("train-classifier", "--data", "data.zip", *TRAIN,
+                             "--workdir", "run")
+  signal.signal(signal.SIGINT, previous)
+  return record
+
+
+@pytest.fixture(scope="module")
+def generator_dir(tmp_path_factory):
+  """A generator workdir (tiny U-Net, T=10, synthetic data) holding an untrained checkpoint."""
+  from cifarjax import train_diffusion as td
+  workdir = tmp_path_factory.mktemp("generator")
+  config = DiffusionConfig(data="synthetic", unet="tiny", num_timesteps=10)
+  config_lib.save_json(config, workdir / "config.json")
+  runlog.write_json(workdir / "classes.json", [f"class_{i}" for i in range(10)])
+  tx, _ = td.make_optimizer(config, 1)
+  mngr = checkpoint.manager(workdir, None)
+  checkpoint.save(mngr, 0, td.init_state(td.make_unet(config, 10), tx, config.seed))
+  mngr.close()
+  return workdir
+
+
+# --- 1, 2: values checked before the workdir is touched --------------------------------
+
+
+@pytest.mark.parametrize("command", ["train-classifier", "train-diffusion"])
+def test_1_negative_steps_are_refused_before_anything_is_written(tmp_path, command):
+  code, out, err = call(command, "--data", "synthetic", "--steps", -5,
+                        "--workdir", tmp_path / "run")
+  assert code == 2 and out == ""
+  assert error_of(err, command).endswith("--steps must be positive, got -5")
+  assert not (tmp_path / "run").exists()
+
+
+def test_2_batch_size_zero_leaves_no_workdir_and_the_corrected_run_works(classifier_run):
+  code, _, err = classifier_run["zero"]
+  assert code == 2
+  assert error_of(err, "train-classifier").endswith("--batch-size must be positive, got 0")
+  assert not classifier_run["zero_left"]
+  code, out, _ = classifier_run["resumed"]  # the corrected command, same workdir
+  assert code == 0 and json.loads(out)["steps"] == 3
+
+
+def test_2_batch_larger_than_the_data_is_refused_before_the_workdir(tmp_path):
+  code, _, err = call("train-diffusion", "--data", "synthetic", "--unet", "tiny",
+                      "--batch-size", 100_000, "--workdir", tmp_path / "run")
+  assert code == 2 and "--batch-size 100000 exceeds the 2560" in error_of(err, "train-diffusion")
+  assert not (tmp_path / "run").exists()
+
+
+def test_2_a_start_that_fails_leaves_no_config_behind(tmp_path, monkeypatch):
+  from cifarjax import train_classifier
+  def broken(*args, **kwargs):
+    raise RuntimeError("compiler crashed")
+  monkeypatch.setattr(train_classifier, "make_train_step", broken)
+  with pytest.raises(RuntimeError, match="compiler crashed"):  # a bug keeps its traceback
+    call("train-classifier", "--data", "synthetic", "--steps", 2, "--workdir", tmp_path / "run")
+  assert not (tmp_path / "run").exists()  # so the rerun does not meet "another config"
+
+
+# --- 3, 4: data checked at load ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["train-classifier", "train-diffusion"])
+def test_3_images_of_another_size_are_refused(tmp_path, command):
+  data = image_zip(tmp_path / "big.zip", size=40)
+  code, _, err = call(command, "--data", data, *TRAIN, "--workdir", tmp_path / "run")
+  assert code == 2
+  line = error_of(err, command)
+  assert "40x40" in line and "32x32" in line and str(data) in line
+  assert not (tmp_path / "run").exists()
+
+
+def test_4_fewer_than_five_classes_is_refused_before_training(tmp_path):
+  data = image_zip(tmp_path / "three.zip", classes=3)
+  code, _, err = call("train-classifier", "--data", data, *TRAIN, "--holdout", 4,
+                      "--batch-size", 4, "--workdir", tmp_path / "run")
+  assert code == 2
+  line = error_of(err, "train-classifier")
+  assert "3 class(es)" in line and "top-5" in line
+  assert not (tmp_path / "run").exists()
+
+
+# --- 5: absolute paths in saved configs --------------------------------------------------
+
+
+def test_5_relative_data_is_saved_absolute_and_evaluates_from_elsewhere(classifier_run,
+                                                                       tmp_path, monkeypatch):
+  root, workdir = classifier_run["root"], classifier_run["workdir"]
+  saved = runlog.read_json(workdir / "config.json")["data"]
+  assert saved == str(root / "data.zip")
+  monkeypatch.chdir(tmp_path)
+  code, out, err = call("eval-classifier", "--workdir", workdir, "--json")
+  assert code == 0, err
+  result = json.loads(out)
+  assert result["num_examples"] == 10 and result["step"] == 3  # the held-out slice
+
+
+# --- 6: eval-diffusion's reference ------------------------------------------------------
+
+
+@pytest.fixture
+def fake_inception(monkeypatch, tmp_path):
+  """600-d random features instead of Inception's (counted), and no weights to read."""
+  from cifarjax.fid import features, sources
+  seen = []
+
+  def extract(images, variables, *args, **kwargs):
+    seen.append(len(images))
+    rng = np.random.default_rng(len(seen))
+    return rng.normal(size=(len(images), 600)).astype(np.float32)
+
+  monkeypatch.setattr(features, "extract_features", extract)
+  monkeypatch.setattr(sources, "as_variables", lambda weights: {})
+  monkeypatch.setenv("CIFARJAX_CACHE", str(tmp_path / "cache"))
+  weights = tmp_path / "weights.npz"
+  weights.write_bytes(b"stand-in: never read")
+  return seen, weights
+
+
+def test_6_eval_diffusion_names_its_reference_and_leaves_out_the_held_out_images(
+    tmp_path, monkeypatch, fake_inception):
+  from types import SimpleNamespace
+  from cifarjax import generate
+  seen, weights = fake_inception
+  data = image_zip(tmp_path / "data.zip")  # 40 images, train only
+  workdir = tmp_path / "gen"
+  workdir.mkdir()
+  config = DiffusionConfig(data=str(data), holdout=10, unet="tiny", num_timesteps=10)
+  config_lib.save_json(config, workdir / "config.json")
+  runlog.write_json(workdir / "classes.json", [f"class_{i}" for i in range(5)])
+  monkeypatch.setattr(generate, "load_trained", lambda workdir, mesh: (
+      None, SimpleNamespace(step=7), config, tuple(f"class_{i}" for i in range(5))))
+  monkeypatch.setattr(generate, "generate", lambda workdir, labels, *a, **k: np.zeros(
+      (len(labels), 32, 32, 3), np.uint8))
+
+  code, out, err = call("eval-diffusion", "--workdir", workdir, "--num", 4, "--sampler", "ddim",
+                        "--steps", 2, "--weights", weights)
+  assert code == 0, err
+  assert seen == [30, 4]  # the reference: 40 images less the 10 held out; then the samples
+  assert f"FID reference: the 30 training images of {data}" in err
+  assert "held out for testing left out" in err
+  cached = list((tmp_path / "cache" / "fid_stats").glob("*.npz"))
+  assert len(cached) == 1 and "train-holdout10" in cached[0].name
+
+  stats = tmp_path / "stats.npz"
+  np.savez(stats, mu=np.zeros(600), sigma=np.eye(600))
+  code, out, err = call("eval-diffusion", "--workdir", workdir, "--num", 4, "--sampler", "ddim",
+                        "--steps", 2, "--weights", weights, "--reference", stats)
+  assert code == 0, err
+  assert seen == [30, 4, 4]  # the stats file is used as it is
+  assert f"FID reference: the statistics in {stats}, used as they are" in err
+  assert list((tmp_path / "cache" / "fid_stats").glob("*.npz")) == cached  # not copied
+
+
+# --- 7: one-point series are drawn ------------------------------------------------------
+
+
+def _pixels_of(png, rgb) -> int:
+  a = np.asarray(Image.open(png).convert("RGB")).astype(int)
+  return int((np.abs(a - np.array(rgb)).sum(-1) < 60).sum())
+
+
+def test_7_one_point_series_show_in_both_figures(classifier_run, tmp_path):
+  from cifarjax import plots
+  # The run evaluated once (step 3): its train/test accuracy series hold one point each.
+  graph = classifier_run["workdir"] / "training_graph.png"
+  green = (0x2C, 0xA0, 0x2C)  # matplotlib's third colour: test loss / test accuracy
+  assert _pixels_of(graph, green) > 150  # a legend line alone has about 70
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+  assert _pixels_of(plots.loss_curve(tmp_path), (0x1F, 0x77, 0xB4)) > 20  # no legend: 0 blank
+
+
+# --- 8: ordinary mistakes without tracebacks ---------------------------------------------
+
+
+def test_8_truncated_zip_is_named(tmp_path):
+  data = image_zip(tmp_path / "data.zip")
+  data.write_bytes(data.read_bytes()[:3000])
+  code, _, err = call("train-classifier", "--data", data, "--workdir", tmp_path / "run")
+  assert code == 2
+  line = error_of(err, "train-classifier")
+  assert str(data) in line and "truncated or corrupt" in line
+  assert not (tmp_path / "run").exists()
+
+
+def test_8_truncated_weights_are_named(tmp_path):
+  images = tmp_path / "images.npz"
+  np.savez(images, images=np.zeros((2, 32, 32, 3), np.uint8))
+  weights = tmp_path / "weights.npz"
+  np.savez(weights, a=np.zeros(1000))
+  weights.write_bytes(weights.read_bytes()[:500])
+  code, _, err = call("fid-stats", images, "--out", tmp_path / "o.npz", "--weights", weights)
+  assert code == 2
+  line = error_of(err, "fid-stats")
+  assert f"FID weights file {weights} is not a readable .npz (truncated or corrupt?)" in line
+
+
+def test_8_workdir_that_is_a_file(tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_text("keep me")
+  code, _, err = call("train-classifier", "--data", "synthetic", "--workdir", path)
+  assert code == 2 and f"--workdir {path} is a file" in error_of(err, "train-classifier")
+  assert path.read_text() == "keep me"
+  code, _, err = call("eval-classifier", "--workdir", path)
+  assert code == 2 and "is a file" in error_of(err, "eval-classifier")
+
+
+def test_8_ctrl_c_saves_and_says_how_to_resume(classifier_run):
+  code, _, err = classifier_run["interrupted"]
+  assert code == 130 and "Traceback" not in err
+  assert classifier_run["steps_saved"] == [1]  # the checkpoint Ctrl-C asked for
+  assert "cifarjax train-classifier: interrupted at step 1 of 3; checkpoint saved. " \
+         "Run the same command to resume." in err.splitlines()
+
+
+# --- 9: messages that say what is wrong -------------------------------------------------
+
+
+def test_9_empty_weights_npz_is_not_called_a_torch_file(tmp_path):
+  images = tmp_path / "images.npz"
+  np.savez(images, images=np.zeros((2, 32, 32, 3), np.uint8))
+  weights = tmp_path / "empty.npz"
+  np.savez(weights)
+  code, _, err = call("fid-stats", images, "--out", tmp_path / "o.npz", "--weights", weights)
+  line = error_of(err, "fid-stats")
+  assert code == 2 and "holds no arrays" in line and "torch.save" not in line.split("expected")[0]
+
+
+def test_9_run_kinds_are_named_for_people(tmp_path):
+  config_lib.save_json(ClassifierConfig(), tmp_path / "config.json")
+  runlog.write_json(tmp_path / "classes.json", ["a", "b"])
+  code, _, err = call("sample", "--workdir", tmp_path, "--num", 2, "--out", tmp_path / "x.npz")
+  line = error_of(err, "sample")
+  assert code == 2 and "holds a classifier (train-classifier) run" in line
+  assert "Config" not in line
+  code, _, err = call("train-diffusion", "--data", "synthetic", "--workdir", tmp_path)
+  line = error_of(err, "train-diffusion")
+  assert code == 2 and "generator (train-diffusion)" in line and "Config" not in line
+
+
+def test_9_tfds_message_names_no_missing_subfolder(tmp_path, caplog):
+  from cifarjax.data.tfds_source import TfdsUnavailableError, load_tfds
+  missing = tmp_path / "nowhere"
+  with pytest.raises(TfdsUnavailableError) as info:
+    load_tfds("cifar100", "train", data_dir=missing, download=False)
+  assert f"in {missing}, which does not exist" in str(info.value)
+  assert "cifar100/" not in str(info.value)  # not tfds's versioned subfolder
+  assert not [r for r in caplog.records if "dataset_info.json" in r.getMessage()]
+
+
+def test_9_bad_jpeg_is_named_without_an_object_address(tmp_path):
+  data = image_zip(tmp_path / "data.zip", extra={"train/class_0/broken.jpg": b"not a jpeg"})
+  code, _, err = call("train-classifier", "--data", data, "--workdir", tmp_path / "run")
+  line = error_of(err, "train-classifier")
+  assert code == 2 and "broken.jpg" in line and "0x" not in line
+
+
+def test_9_custom_model_checkpoint_gives_a_short_error(tmp_path):
+  import flax.linen as nn
+  from cifarjax import train_classifier as tc
+
+  class Small(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      x = nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x))
+      return nn.Dense(10)(x.mean((1, 2)))
+
+  config = ClassifierConfig(data="synthetic")
+  config_lib.save_json(config, tmp_path / "config.json")
+  runlog.write_json(tmp_path / "classes.json", [f"class_{i}" for i in range(10)])
+  runlog.write_json(tmp_path / "summary.json", {"model": "Small"})
+  tx, _ = tc.make_optimizer(config, 1)
+  mngr = checkpoint.manager(tmp_path, None)
+  checkpoint.save(mngr, 1, tc.init_state(Small(), tx, 0))
+  mngr.close()
+  code, _, err = call("eval-classifier", "--workdir", tmp_path)
+  line = error_of(err, "eval-classifier")
+  assert code == 2 and len(line) < 400
+  assert "custom model (Small)" in line and "load_trained(workdir, model=" in line
+
+
+def test_9_sample_steps_zero_names_the_flag(generator_dir, tmp_path):
+  code, _, err = call("sample", "--workdir", generator_dir, "--num", 2, "--sampler", "ddim",
+                      "--steps", 0, "--out", tmp_path / "x.npz")
+  assert code == 2 and error_of(err, "sample").endswith("--steps must be positive, got 0")
+
+
+# --- 10: long phases say what they do; checks come before loads --------------------------
+
+
+def test_10_training_phases_and_resume_are_announced(classifier_run):
+  _, _, first = classifier_run["interrupted"]
+  assert "cifarjax train-classifier: loading " in first
+  assert "30 training and 10 test images of 5 classes" in first
+  assert "starting at step 0 of 3; the first step compiles" in first
+  _, _, second = classifier_run["resumed"]
+  assert "cifarjax train-classifier: resuming from step 1 of 3" in second
+  assert "classifier (evaluating)" in second  # the bar says what it waits for
+
+
+def test_10_labels_and_steps_are_checked_before_the_model_loads(generator_dir, tmp_path,
+                                                                monkeypatch):
+  from cifarjax import generate
+  def no_load(*args, **kwargs):
+    raise AssertionError("the model must not load for a bad flag")
+  monkeypatch.setattr(generate, "load_trained", no_load)
+  code, _, err = call("sample", "--workdir", generator_dir, "--num", 2, "--labels", "3,99",
+                      "--out", tmp_path / "x.npz")
+  assert code == 2 and "label 99 is outside the model's 10 classes" in error_of(err, "sample")
+  code, _, err = call("sample", "--workdir", generator_dir, "--num", 2, "--sampler", "ddim",
+                      "--steps", 11, "--out", tmp_path / "x.npz")
+  assert code == 2 and "at most the model's 10 timesteps" in error_of(err, "sample")
+  code, _, err = call("interpolate", "--workdir", generator_dir, "--data", "synthetic",
+                      "--a", 0, "--b", 1, "--frames", 1, "--out", tmp_path / "x.png")
+  assert code == 2 and "--frames must be at least 2" in error_of(err, "interpolate")
+
+
+def test_10_11_interpolation_talks_and_shows_its_sources(generator_dir, tmp_path):
+  out = tmp_path / "strip.png"
+  code, stdout, err = call("interpolate", "--workdir", generator_dir, "--data", "synthetic",
+                           "--a", 0, "--b", 1, "--frames", 2, "--steps", 2, "--out", out)
+  assert code == 0, err
+  assert "cifarjax interpolate: loading the generator" in err
+  assert "2 DDIM steps to invert the two images" in err
+  strip = np.asarray(Image.open(out))
+  # a (2 + 64 + 2), 8 apart from the 2 frames (2 + 2 * (64 + 2)), 8 apart from b (2 + 64 + 2)
+  assert strip.shape == (68, 68 + 8 + 134 + 8 + 68, 3)
+  from cifarjax.data.synthetic import load_synthetic
+  a = np.repeat(np.repeat(load_synthetic("train").images[0], 2, 0), 2, 1)
+  np.testing.assert_array_equal(strip[2:66, 2:66], a)  # image a itself, at the left end
+
+
+# --- 11: readable outputs ---------------------------------------------------------------
+
+
+def test_11_sample_sheet_is_enlarged_with_class_names(generator_dir, tmp_path):
+  out = tmp_path / "samples.npz"
+  code, _, err = call("sample", "--workdir", generator_dir, "--num", 3, "--labels", "2,7",
+                      "--sampler", "ddim", "--steps", 2, "--out", out)
+  assert code == 0, err
+  sheet = np.asarray(Image.open(out.with_suffix(".png")))
+  grid_width = 2 + 2 * (96 + 2)  # class 2 has two images, each 32 x 3
+  assert sheet.shape[0] == 2 + 2 * (96 + 2)  # a row per class
+  names = sheet[:, :sheet.shape[1] - grid_width]
+  assert names.shape[1] > 40  # a column of names on the left ...
+  assert (names < 128).any()  # ... with dark text in it
+
+
+def test_11_fid_warns_about_few_images(tmp_path, fake_inception):
+  _, weights = fake_inception
+  for name in ("a", "b"):
+    np.savez(tmp_path / f"{name}.npz", images=np.zeros((20, 32, 32, 3), np.uint8))
+  code, out, err = call("fid", tmp_path / "a.npz", tmp_path / "b.npz", "--weights", weights)
+  assert code == 0, err
+  assert ("cifarjax fid: warning: FID statistics from 20 images, fewer than the 600 feature "
+          "dimensions") in err
+  assert "cifarjax fid: Fréchet distance of 600-d statistics" in err
+
+
+def test_11_help_shows_defaults_and_there_is_a_version(capsys):
+  from cifarjax import __version__
+  from cifarjax.commands import classifier, diffusion
+  with pytest.raises(SystemExit) as info:
+    cli.main(["--version"])
+  assert info.value.code == 0 and capsys.readouterr().out.strip() == f"cifarjax {__version__}"
+  with pytest.raises(SystemExit):
+    cli.main(["sample", "--help"])
+  text = " ".join(capsys.readouterr().out.split())
+  assert "images per compiled batch (default: 256)" in text
+  assert "(default: ddpm)" in text
+  # --help's paper defaults are the configs' own.
+  for presets, table in ((ClassifierConfig(), classifier.PAPER),
+                         (DiffusionConfig(), diffusion.PAPER)):
+    assert {k: getattr(presets, k) for k in table} == table
