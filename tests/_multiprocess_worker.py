@@ -8,7 +8,8 @@ the others through `cifarjax.mesh.initialize_distributed` (jax.distributed on
 localhost, gloo for the cross-process collectives), as the commands do; without
 the variables it runs alone, as the reference. MODEs, run in order:
   step   one classifier draw + train step on a mesh over every process's devices;
-         process 0 writes DIR/step.npz as tests/_sharded_step.py does.
+         process 0 writes DIR/step.npz as tests/_sharded_step.py does (batch, labels,
+         loss, params, batch_stats and the gradient, read back from Adam's first moment).
   diffusion  the same with the tiny U-Net generator (as tests/_sharded_step.py's);
          process 0 writes DIR/diffusion.npz.
   train  a 2-step `train_classifier.train` with a checkpoint at each step into
@@ -49,6 +50,16 @@ def flat(tree) -> dict:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def adam_gradient(opt_state) -> dict:
+  """The step's gradient as {'grad/a/b': array}, from Adam's first moment after one step:
+  mu = (1 - b1) g, b1 = 0.9 (optax's default, which both trainers use)."""
+  import optax
+  is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)
+  (adam,) = [s for s in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(s)]
+  return {"grad/" + k.split("/", 1)[1]: v.astype(np.float64) / (1 - 0.9)
+          for k, v in flat({"mu": adam.mu}).items()}
+
+
 def gather(x) -> np.ndarray:
   """A batch-sharded array, whole, on every process."""
   from jax.experimental import multihost_utils
@@ -79,11 +90,13 @@ def step():
   draw = make_draw(*put_split(data, mesh), config, mesh)
   batch, rng = draw(state)
   state, metrics = make_train_step(model, tx, mesh)(state, batch, rng)
-  images = gather(batch[0])
+  images, labels = gather(batch[0]), gather(batch[1])
   loss = float(np.asarray(metrics["loss"].addressable_data(0)))
+  grads = adam_gradient(state.opt_state)
   if jax.process_index() == 0:
-    np.savez(out / "step.npz", batch=images, losses=np.array([loss]),
-             **flat({"params": state.params, "batch_stats": state.batch_stats}))
+    np.savez(out / "step.npz", batch=images, labels=labels, loss=np.array([loss]),
+             **flat({"params": state.params, "batch_stats": state.batch_stats}),
+             **grads)
 
 
 def diffusion():
@@ -99,11 +112,13 @@ def diffusion():
   draw = td.make_draw(*td.put_split(data, mesh), config, mesh)
   batch, rng = draw(state)
   state, metrics = td.make_train_step(model, schedule, tx, mesh, config)(state, batch, rng)
-  images = gather(batch[0])
+  images, labels = gather(batch[0]), gather(batch[1])
   loss = float(np.asarray(metrics["loss"].addressable_data(0)))
+  grads = adam_gradient(state.opt_state)
   if jax.process_index() == 0:
-    np.savez(out / "diffusion.npz", batch=images, losses=np.array([loss]),
-             **flat({"params": state.params, "ema_params": state.ema_params}))
+    np.savez(out / "diffusion.npz", batch=images, labels=labels, loss=np.array([loss]),
+             **flat({"params": state.params, "ema_params": state.ema_params}),
+             **grads)
 
 
 def train():

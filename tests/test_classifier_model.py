@@ -1,6 +1,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from cifarjax.models import Classifier, count_params, paper_classifier
@@ -59,3 +60,55 @@ def test_dropout_only_in_training():
 def test_unknown_layout_token():
   with pytest.raises(ValueError, match="unknown layout token 'conv'"):
     _init(Classifier(layout=("conv",)))
+
+
+def test_batch_norm_running_statistics_move_a_tenth_per_batch():
+  """PyTorch's momentum 0.1: running = 0.9 * running + 0.1 * batch statistic, with the batch
+  statistics computed here from the stem convolution's output (flax's BatchNorm keeps the
+  biased variance; PyTorch keeps the unbiased one, n / (n - 1) = 1 + 1/2047 larger here)."""
+  model = Classifier(num_classes=10, stem_channels=8, layout=())
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  kernel = variables["params"]["Conv_0"]["kernel"]
+  h = np.asarray(jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                              dimension_numbers=("NHWC", "HWIO", "NHWC")),
+                 np.float64)
+  old = variables["batch_stats"]["BatchNorm_0"]
+  new = updates["batch_stats"]["BatchNorm_0"]
+  np.testing.assert_array_equal(old["mean"], 0.0)
+  np.testing.assert_array_equal(old["var"], 1.0)
+  np.testing.assert_allclose(new["mean"], 0.9 * 0.0 + 0.1 * h.mean(axis=(0, 1, 2)), rtol=1e-4,
+                             atol=1e-6)
+  np.testing.assert_allclose(new["var"], 0.9 * 1.0 + 0.1 * h.var(axis=(0, 1, 2)), rtol=1e-5)
+  # Inference uses the running statistics and eps 1e-5.
+  scale = variables["params"]["BatchNorm_0"]["scale"]
+  y = (h - np.asarray(new["mean"])) / np.sqrt(np.asarray(new["var"]) + 1e-5) * np.asarray(scale)
+  features = np.maximum(y, 0).mean(axis=(1, 2))
+  dense = variables["params"]["Dense_0"]
+  want = features @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"])
+  got = model.apply({"params": variables["params"], "batch_stats": updates["batch_stats"]}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_sits_before_the_last_two_expansion_blocks():
+  """The paper's ablation: dropout before the last two of the three expansion blocks. Outputs
+  of blocks before the first dropout do not depend on the dropout key; later ones do."""
+  model = paper_classifier(num_classes=10, dropout_rate=0.4)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+
+  def blocks(key):
+    _, state = model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(key)},
+                           mutable=["batch_stats", "intermediates"], capture_intermediates=True)
+    return {name: np.asarray(v["__call__"][0]) for name, v in state["intermediates"].items()
+            if name != "__call__"}
+
+  a, b = blocks(0), blocks(1)
+  # Layout R R E R R pool E R pool E R R R: the second expansion block comes after
+  # ResidualBlock_3; everything up to it sees no dropout.
+  for name in ("ResidualBlock_0", "ResidualBlock_1", "ExpandBlock_0", "ResidualBlock_2",
+               "ResidualBlock_3"):
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  for name in ("ExpandBlock_1", "ResidualBlock_4", "ExpandBlock_2", "ResidualBlock_7"):
+    assert not np.allclose(a[name], b[name]), name

@@ -196,45 +196,104 @@ NUM_GAUSSIAN_SAMPLES = 512
 
 @pytest.fixture(scope="module")
 def gaussian_samplers(sigmoid):
-  """Jitted (rng, labels[, guidance]) -> samples of the Gaussian toy data, compiled once."""
-  def make(sampler, num_steps, guided=False):
-    def run(rng, labels, guidance=0.0):
-      return diffusion.sample(gaussian_eps_fn(sigmoid), sigmoid, rng, labels,
-                              image_shape=GAUSSIAN_SHAPE, sampler=sampler, num_steps=num_steps,
-                              guidance=guidance, null_label=NULL_LABEL)
-    return jax.jit(run) if guided else jax.jit(lambda rng, labels: run(rng, labels))
-  return {"ddpm": make("ddpm", None), "ddim": make("ddim", 50),
-          "guided ddim": make("ddim", 50, guided=True)}
+  """Jitted samplers of the Gaussian toy data, each compiled once: ddpm (rng, labels);
+  ddim (x_T, labels) and guided ddim (x_T, labels, guidance), 50 steps from given noise."""
+  def run(rng, labels, sampler, num_steps, guidance=0.0, x_T=None):
+    return diffusion.sample(gaussian_eps_fn(sigmoid), sigmoid, rng, labels,
+                            image_shape=GAUSSIAN_SHAPE, sampler=sampler, num_steps=num_steps,
+                            guidance=guidance, null_label=NULL_LABEL, x_T=x_T)
+  key = jax.random.key(0)  # unused by deterministic DDIM from a given x_T
+  return {"ddpm": jax.jit(lambda rng, labels: run(rng, labels, "ddpm", None)),
+          "ddim": jax.jit(lambda x_T, labels: run(key, labels, "ddim", DDIM_STEPS, x_T=x_T)),
+          "guided ddim": jax.jit(lambda x_T, labels, w: run(key, labels, "ddim", DDIM_STEPS,
+                                                               guidance=w, x_T=x_T))}
+
+
+DDIM_STEPS = 50
+
+
+def ddim_affine_map(schedule, num_steps, mean, std=DATA_STD):
+  """(A, B) with DDIM(x_T) = A x_T + B, in float64, for data N(mean, std^2) per pixel.
+
+  With the exact predictor eps(x, t) = c_t (x - sqrt(abar_t) mean), c_t = sqrt(1 - abar_t) /
+  (abar_t std^2 + 1 - abar_t), each deterministic DDIM step (Song et al. 2021, eq. 12)
+  x0 = (x - sqrt(1 - abar_t) eps) / sqrt(abar_t), x' = sqrt(abar_t') x0 + sqrt(1 - abar_t') eps
+  is affine in x, so the whole chain is one affine map of x_T.
+  """
+  abar = np.asarray(schedule.alphas_cumprod, np.float64)
+  ts = diffusion.sampling_timesteps(schedule.num_timesteps, num_steps)
+  a_mul, b_add = 1.0, 0.0
+  for t, t_prev in zip(ts, [*ts[1:], -1]):
+    a, a_prev = abar[t], (abar[t_prev] if t_prev >= 0 else 1.0)
+    c = np.sqrt(1 - a) / (a * std**2 + 1 - a)
+    eps_mul, eps_add = c, -c * np.sqrt(a) * mean  # eps = eps_mul x + eps_add
+    step_mul = np.sqrt(a_prev / a) * (1 - np.sqrt(1 - a) * eps_mul) + np.sqrt(1 - a_prev) * eps_mul
+    step_add = (np.sqrt(1 - a_prev) - np.sqrt(a_prev / a) * np.sqrt(1 - a)) * eps_add
+    a_mul, b_add = step_mul * a_mul, step_mul * b_add + step_add
+  return a_mul, b_add
 
 
 def _labels(label):
   return jnp.full((NUM_GAUSSIAN_SAMPLES,), label, jnp.int32)
 
 
-@pytest.mark.parametrize("sampler,tolerance", [("ddpm", 0.03), ("ddim", 0.08)])
+def _x_T(seed=0):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.normal(size=(NUM_GAUSSIAN_SAMPLES,) + GAUSSIAN_SHAPE), jnp.float32)
+
+
 @pytest.mark.parametrize("label", [0, 2])
-def test_samplers_recover_gaussian_data(gaussian_samplers, sampler, tolerance, label):
-  run = gaussian_samplers[sampler]
+def test_ddpm_recovers_gaussian_data(gaussian_samplers, label):
+  run = gaussian_samplers["ddpm"]
   x = run(jax.random.key(0), _labels(label))
   chex.assert_shape(x, (NUM_GAUSSIAN_SAMPLES,) + GAUSSIAN_SHAPE)
   chex.assert_type(x, jnp.float32)
-  assert abs(float(x.std()) - DATA_STD) < tolerance * DATA_STD
-  assert abs(float(x.mean()) - 0.2 * label) < 0.03
+  # 512 x 16 = 8192 draws: the sample mean and std scatter by 0.5 / sqrt(8192) = 0.0055 and
+  # 0.5 / sqrt(2 * 8192) = 0.0039; the bounds are 5 of those, plus 1% for the ancestral
+  # steps' variance (the posterior's, not the true reverse one's).
+  assert abs(float(x.std()) - DATA_STD) < 5 * 0.0039 + 0.01 * DATA_STD
+  assert abs(float(x.mean()) - 0.2 * label) < 5 * 0.0055
   np.testing.assert_array_equal(run(jax.random.key(0), _labels(label)), x)  # determinism per seed
   assert not np.allclose(run(jax.random.key(1), _labels(label)), x)
 
 
+@pytest.mark.parametrize("label", [0, 2])
+def test_ddim_is_the_closed_form_map_of_gaussian_data(gaussian_samplers, sigmoid, label):
+  """50 DDIM steps with the exact predictor are the affine map `ddim_affine_map`: the sampler
+  (float32) matches the float64 recursion to rounding, and the map takes N(0, 1) noise to
+  the data's N(0.2 label, 0.5^2) up to DDIM's 50-step discretisation error."""
+  x_T = _x_T()
+  x = gaussian_samplers["ddim"](x_T, _labels(label))
+  chex.assert_shape(x, (NUM_GAUSSIAN_SAMPLES,) + GAUSSIAN_SHAPE)
+  chex.assert_type(x, jnp.float32)
+  mul, add = ddim_affine_map(sigmoid, DDIM_STEPS, 0.2 * label)
+  # float32 rounding: the first step takes x - sqrt(1 - abar_T) eps, a difference of numbers
+  # of size |x| <= 4, and divides it by sqrt(abar_T) = 5.5e-4; the next level scales that by
+  # sqrt(abar) = 0.08: eps * 4 * 0.08 / 5.5e-4 = 7e-5, later steps shrink it. Seen: 3e-5.
+  # A sampler one step off (49 steps) lands 1.5e-3 away.
+  np.testing.assert_allclose(x, mul * np.asarray(x_T, np.float64) + add, rtol=0, atol=1e-4)
+  # The map itself: the mean lands on the data mean to sqrt(abar_T) mean (x_T has mean 0,
+  # not sqrt(abar_T) mean: abar_T = 3e-7); the scale is the data's std to within 3.5% at
+  # 50 steps (0.4834), 0.25% at 1000 (the probability-flow ODE's exact map is std / 1).
+  np.testing.assert_allclose(add, 0.2 * label, atol=2e-4)
+  assert abs(mul - DATA_STD) < 0.035 * DATA_STD
+  assert abs(ddim_affine_map(sigmoid, T, 0.2 * label)[0] - DATA_STD) < 0.0025 * DATA_STD
+  assert not np.allclose(gaussian_samplers["ddim"](_x_T(1), _labels(label)), x)
+
+
 def test_guidance_zero_is_unguided(gaussian_samplers):
-  unguided = gaussian_samplers["ddim"](jax.random.key(0), _labels(2))
-  guided = gaussian_samplers["guided ddim"](jax.random.key(0), _labels(2), 0.0)
+  unguided = gaussian_samplers["ddim"](_x_T(), _labels(2))
+  guided = gaussian_samplers["guided ddim"](_x_T(), _labels(2), 0.0)
   np.testing.assert_allclose(guided, unguided, atol=1e-5)
 
 
-def test_guidance_extrapolates_away_from_the_null_label(gaussian_samplers):
-  """For Gaussian data, (1 + w) eps(x, y) - w eps(x, null) is the noise of mean (1 + w) mean(y)."""
-  guided = gaussian_samplers["guided ddim"](jax.random.key(0), _labels(2), 1.0)
-  assert abs(float(guided.mean()) - 2 * 0.4) < 0.03
-  assert abs(float(guided.std()) - DATA_STD) < 0.08 * DATA_STD
+def test_guidance_extrapolates_away_from_the_null_label(gaussian_samplers, sigmoid):
+  """For Gaussian data, (1 + w) eps(x, y) - w eps(x, null) is the exact noise of data with
+  mean (1 + w) mean(y) - w mean(null) = 2 * 0.4 at w = 1: DDIM maps x_T as for that data."""
+  x_T = _x_T()
+  guided = gaussian_samplers["guided ddim"](x_T, _labels(2), 1.0)
+  mul, add = ddim_affine_map(sigmoid, DDIM_STEPS, 2 * 0.4)
+  np.testing.assert_allclose(guided, mul * np.asarray(x_T, np.float64) + add, rtol=0, atol=1e-4)
 
 
 def test_ddim_inversion_round_trip(sigmoid):

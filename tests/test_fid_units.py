@@ -14,6 +14,8 @@ from cifarjax.fid import sources
 from cifarjax.fid import stats as stats_lib
 from cifarjax.fid.features import extract_features, round_up_batch_size
 
+from _fid_exact import covariance, fid_from_features
+
 # torch's bilinear, align_corners=False, worked by hand: 2 -> 5 source
 # coordinates (d + 0.5) * 0.4 - 0.5 = -0.3 (clamped to 0), 0.1, 0.5, 0.9, 1.3
 # (upper neighbour clamped to 1); 5 -> 2: (d + 0.5) * 2.5 - 0.5 = 0.75, 3.25.
@@ -81,11 +83,16 @@ def test_batch_size_rounds_up_to_devices():
 # --- statistics and the Fréchet distance ----------------------------------------------------
 
 def test_activation_statistics_are_float64_mean_and_cov():
+  # By hand: centred rows (-2, -4), (0, -1), (2, 5); covariance = their products / (3 - 1).
+  mu, sigma = stats_lib.activation_statistics(np.array([[1, 2], [3, 5], [5, 11]], np.float32))
+  assert mu.dtype == sigma.dtype == np.float64
+  np.testing.assert_array_equal(mu, [3, 6])
+  np.testing.assert_allclose(sigma, [[4, 9], [9, 21]], rtol=1e-15)
+  # Against sums and centred products written out here (float64).
   acts = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
   mu, sigma = stats_lib.activation_statistics(acts)
-  assert mu.dtype == sigma.dtype == np.float64
-  np.testing.assert_array_equal(mu, acts.astype(np.float64).mean(0))
-  np.testing.assert_array_equal(sigma, np.cov(acts.astype(np.float64), rowvar=False))
+  np.testing.assert_allclose(mu, np.sum(acts, axis=0, dtype=np.float64) / 50, rtol=1e-14)
+  np.testing.assert_allclose(sigma, covariance(acts), rtol=1e-12)
 
 
 def _random_cov(rng, d, n=None):
@@ -124,6 +131,8 @@ def test_sqrtm_and_eigh_agree_on_singular_real_features(fid_reference_path):
   exact = stats_lib.frechet_distance(m1, s1, m2, s2)
   fast = stats_lib.frechet_distance(m1, s1, m2, s2, method="eigh")
   np.testing.assert_allclose(fast, exact, rtol=1e-5)
+  # Both against the FID taken from the features without any matrix square root.
+  np.testing.assert_allclose(exact, fid_from_features(a, b), rtol=1e-5)
 
 
 def test_singular_product_retries_with_eps_offset(monkeypatch):

@@ -39,6 +39,36 @@ def test_custom_schedule_sampler(monkeypatch, tmp_path):
   assert ns["schedule"].num_timesteps == 100
 
 
-def test_fid_of_arrays(monkeypatch, tmp_path, fid_weights_path):
+def test_fid_of_arrays(monkeypatch, tmp_path, fid_weights_path, capsys):
+  """The block prints the FID of two sets of 16 noise images: the Fréchet distance of the
+  features it extracted, which tests/_fid_exact.py computes again without cifarjax.fid.stats."""
+  import functools
+
+  import numpy as np
+
+  from cifarjax.fid import features as features_lib
+  from cifarjax.fid import stats as stats_lib
+  from _fid_exact import fid_from_features
   monkeypatch.setenv("CIFARJAX_FID_WEIGHTS", str(fid_weights_path))
-  run_block(2, monkeypatch, tmp_path)
+  # The Fréchet distance's plumbing is what runs here: its eigh form, seconds faster than
+  # scipy's sqrtm of a 2048 x 2048 product (test_fid_units.py checks both agree).
+  monkeypatch.setattr(stats_lib, "frechet_distance",
+                      functools.partial(stats_lib.frechet_distance, method="eigh"))
+  extracted = []
+  real_extract = features_lib.extract_features
+
+  def extract(images, *args, **kwargs):
+    extracted.append((np.asarray(images), real_extract(images, *args, **kwargs)))
+    return extracted[-1][1]
+  monkeypatch.setattr(features_lib, "extract_features", extract)
+
+  ns = run_block(2, monkeypatch, tmp_path)
+  printed = float(capsys.readouterr().out.strip().splitlines()[-1])
+  (images_a, feats_a), (images_b, feats_b) = extracted
+  np.testing.assert_array_equal(images_a, ns["a"])
+  np.testing.assert_array_equal(images_b, ns["b"])
+  assert feats_a.shape == feats_b.shape == (16, 2048)
+  np.testing.assert_allclose(printed, fid_from_features(feats_a, feats_b), rtol=1e-6)
+  assert printed > 1  # two different sets; 16 samples in 2048 dimensions sit far apart
+  mu, sigma = stats_lib.activation_statistics(feats_a)  # and a set against itself: zero
+  assert abs(stats_lib.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * printed

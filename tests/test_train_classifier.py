@@ -7,6 +7,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -17,14 +18,20 @@ from cifarjax.models import paper_classifier
 from cifarjax.train_classifier import (evaluate_workdir, init_state, load_trained, make_optimizer,
                                        make_train_step, train)
 
+from _traces import loop_traces
+
 TINY = ClassifierConfig(data="synthetic", steps=6, batch_size=16, log_every=3, eval_every=3,
                         eval_batch_size=64, train_eval_size=64, checkpoint_every=3)
+
+RUN_TRACES = {}  # run_dir's train step: its name, calls and jax traces
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
-  summary = train(TINY, workdir)
+  with loop_traces() as traces:
+    summary = train(TINY, workdir)
+  RUN_TRACES.update(traces)
   return workdir, summary
 
 
@@ -118,3 +125,57 @@ def test_info_json_reports_paper_classifier_size(capsys):
   info = json.loads(capsys.readouterr().out)
   assert info["classifier_params"] == 99_716
   assert info["device_count"] >= 1
+
+
+def _torch_adam_l2(params, grad_fn, steps, lr_at, weight_decay, b1=0.9, b2=0.999, eps=1e-8):
+  """torch.optim.Adam(weight_decay=wd) written out in float64: the L2 term is added to the
+  gradient before the moments (not AdamW's decay of the weights beside them)."""
+  p = np.asarray(params, np.float64)
+  m, v = np.zeros_like(p), np.zeros_like(p)
+  for t in range(1, steps + 1):
+    g = grad_fn(p) + weight_decay * p
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    denom = np.sqrt(v) / np.sqrt(1 - b2**t) + eps
+    p = p - lr_at(t - 1) / (1 - b1**t) * m / denom
+  return p
+
+
+def test_optimizer_is_pytorch_adam_with_l2_and_per_epoch_decay():
+  """Five steps on 0.5 |A p - b|^2 against PyTorch's Adam(weight_decay) with ExponentialLR
+  stepped once per epoch (2 steps per epoch). A strong weight decay makes coupled L2 and
+  AdamW's decoupled decay differ at once; so does a per-step (not per-epoch) lr decay."""
+  config = ClassifierConfig(learning_rate=0.1, lr_decay=0.5, weight_decay=0.3)
+  spe = 2
+  tx, lr_fn = make_optimizer(config, steps_per_epoch=spe)
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(6, 4))
+  b = rng.normal(size=6)
+  grad = lambda p: a.T @ (a @ p - b)
+  p0 = rng.normal(size=4)
+  params = jnp.asarray(p0, jnp.float32)
+  opt_state = tx.init(params)
+  for _ in range(5):
+    g = jnp.asarray(grad(np.asarray(params, np.float64)), jnp.float32)
+    updates, opt_state = tx.update(g, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  want = _torch_adam_l2(p0, grad, 5, lambda t: 0.1 * 0.5 ** (t // spe), weight_decay=0.3)
+  # float32 against float64: 5 steps of 0.1 * (g / |g|) leave ~1e-6; AdamW moves ~1e-2 apart.
+  np.testing.assert_allclose(np.asarray(params), want, rtol=0, atol=2e-5)
+
+
+def test_learning_rate_decays_once_per_epoch():
+  config = ClassifierConfig()  # lr 0.005, decay 0.98
+  spe = 195
+  _, lr_fn = make_optimizer(config, steps_per_epoch=spe)
+  for step, epochs in ((0, 0), (1, 0), (spe - 1, 0), (spe, 1), (2 * spe - 1, 1), (2 * spe, 2)):
+    np.testing.assert_allclose(float(lr_fn(step)), 0.005 * 0.98**epochs, rtol=1e-6,
+                               err_msg=f"step {step}")
+
+
+def test_train_step_compiles_once(run_dir):
+  """Six steps (with evaluations and checkpoints between) reuse one trace of the train step
+  and of the batch draw: nothing in the state changes shape, dtype or sharding."""
+  assert RUN_TRACES["calls"] == TINY.steps
+  assert RUN_TRACES["traces"] == 1, RUN_TRACES
+  assert RUN_TRACES["all"].get("draw") == 1, RUN_TRACES

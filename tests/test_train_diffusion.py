@@ -5,6 +5,7 @@ model at a size that compiles in seconds; one module-scoped run serves most test
 """
 
 import dataclasses
+import functools
 import json
 
 import chex
@@ -19,15 +20,21 @@ from cifarjax import train_diffusion as td
 from cifarjax.config import ClassifierConfig, DiffusionConfig
 from cifarjax.data.synthetic import load_synthetic
 
+from _traces import loop_traces
+
 TINY = DiffusionConfig(data="synthetic", unet="tiny", num_timesteps=100, steps=6, batch_size=16,
                        log_every=3, eval_every=3, eval_batch_size=16, checkpoint_every=3)
 SAMPLER = dict(sampler="ddim", steps=4)  # few steps: the tests check plumbing, not image quality
+
+RUN_TRACES = {}  # run_dir's train step: its name, calls and jax traces
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("diffusion")
-  summary = td.train(TINY, workdir)
+  with loop_traces() as traces:
+    summary = td.train(TINY, workdir)
+  RUN_TRACES.update(traces)
   return workdir, summary
 
 
@@ -103,8 +110,9 @@ def test_sample_cli_writes_npz_and_grid(run_dir, tmp_path):
     assert npz["images"].shape == (5, 32, 32, 3) and npz["images"].dtype == np.uint8
     np.testing.assert_array_equal(npz["labels"], [2, 7, 2, 7, 2])
   grid = np.asarray(Image.open(out.with_suffix(".png")))
-  gap = 2
-  assert grid.shape == (gap + 2 * (32 + gap), gap + 3 * (32 + gap), 3)  # rows: class 2, class 7
+  gap, size = 2, 3 * 32  # enlarged 3x, a column of class names on the left
+  assert grid.shape[0] == gap + 2 * (size + gap)  # rows: class 2, class 7
+  assert grid.shape[1] > gap + 3 * (size + gap)
 
 
 def test_default_labels_cycle_through_the_classes():
@@ -122,8 +130,9 @@ def test_interpolation_uses_the_closer_endpoints_label(run_dir, tmp_path):
   assert cli.main(["interpolate", "--workdir", str(workdir), "--data", "synthetic", "--a", "0",
                    "--b", "1", "--frames", "5", "--steps", "4", "--out", str(out)]) == 0
   strip = np.asarray(Image.open(out))
-  scale, gap = 2, 2
-  assert strip.shape == (gap + 64 + gap, gap + 5 * (64 + gap), 3)  # 5 frames in one row
+  scale, gap, apart = 2, 2, 8
+  frames = gap + 5 * (64 + gap)  # 5 frames in one row, the two source images at its ends
+  assert strip.shape == (gap + 64 + gap, 2 * (gap + 64 + gap + apart) + frames, 3)
 
 
 def test_frame_labels_and_alphas():
@@ -153,12 +162,12 @@ def test_empty_workdir(tmp_path, capsys):
 def test_classifier_workdir_is_refused(tmp_path, capsys):
   config_lib.save_json(ClassifierConfig(), tmp_path / "config.json")
   runlog.write_json(tmp_path / "classes.json", ["a", "b"])
-  with pytest.raises(ValueError, match="ClassifierConfig run, not a diffusion"):
+  with pytest.raises(ValueError, match="classifier \\(train-classifier\\) run, not a generator"):
     td.load_trained(tmp_path)
   assert cli.main(["sample", "--workdir", str(tmp_path), "--num", "2",
                    "--out", str(tmp_path / "x.npz")]) == 2
-  assert "ClassifierConfig run" in capsys.readouterr().err
-  with pytest.raises(ValueError, match="ClassifierConfig run"):
+  assert "classifier (train-classifier) run" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="classifier \\(train-classifier\\) run"):
     td.train(TINY, tmp_path)
 
 
@@ -176,6 +185,11 @@ def test_eval_diffusion_fid_merges_into_summary(run_dir, tmp_path, fid_weights_p
                                                 capsys):
   workdir, _ = run_dir
   monkeypatch.setenv("CIFARJAX_CACHE", str(tmp_path / "cache"))  # reference stats land here
+  # The plumbing is under test: the Fréchet distance's eigh form saves scipy's sqrtm of a
+  # 2048 x 2048 product (~30 s on 2 cores); test_fid_units.py checks both agree.
+  from cifarjax.fid import stats as stats_lib
+  monkeypatch.setattr(stats_lib, "frechet_distance",
+                      functools.partial(stats_lib.frechet_distance, method="eigh"))
   reference = tmp_path / "reference.npz"
   np.savez(reference, images=load_synthetic("test").images[:16])
   before = runlog.read_json(workdir / "summary.json")
@@ -188,3 +202,24 @@ def test_eval_diffusion_fid_merges_into_summary(run_dir, tmp_path, fid_weights_p
   summary = runlog.read_json(workdir / "summary.json")
   assert summary == {**before, **result}  # merged: the training keys are kept
   assert list((tmp_path / "cache" / "fid_stats").glob("*.npz"))  # the reference was cached
+
+
+def test_generate_samples_from_the_ema_weights(run_dir):
+  """Samples come from the EMA weights (DiffusionConfig.ema_decay), not the raw ones: the
+  raw parameters do not change them, the EMA parameters do."""
+  workdir, _ = run_dir
+  model, state, config, class_names = td.load_trained(workdir)
+  sample = lambda s: generate.generate(workdir, [0, 5], **SAMPLER, seed=0, batch_size=2,
+                                       progress=False, trained=(model, s, config, class_names))
+  # After 6 steps the EMA is still near the initial weights, far from the raw ones.
+  assert not np.allclose(jax.tree.leaves(state.params)[0], jax.tree.leaves(state.ema_params)[0])
+  images = sample(state)
+  np.testing.assert_array_equal(sample(state.replace(params=state.ema_params)), images)
+  assert not np.array_equal(sample(state.replace(ema_params=state.params)), images)
+
+
+def test_train_step_compiles_once(run_dir):
+  """As the classifier's: six steps, one trace of the train step and of the batch draw."""
+  assert RUN_TRACES["calls"] == TINY.steps
+  assert RUN_TRACES["traces"] == 1, RUN_TRACES
+  assert RUN_TRACES["all"].get("draw") == 1, RUN_TRACES
