@@ -1,6 +1,4 @@
-import sys
-
-from cifarjax.cli import main
+from cifarjax.cli import run
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

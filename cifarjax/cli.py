@@ -14,6 +14,8 @@ import contextlib
 import functools
 import importlib
 import logging
+import os
+import platform
 import sys
 import warnings
 
@@ -118,5 +120,26 @@ def main(argv=None) -> int:
       return 2
 
 
-if __name__ == "__main__":
+# XLA:CPU takes each step's buffers (hundreds of MiB at batch 256) from malloc,
+# which glibc serves as fresh 4 KiB-page mappings every step; asking it for
+# transparent huge pages made the classifier's train step ~25% faster
+# (docs/benchmarks.md). glibc reads GLIBC_TUNABLES only at process start.
+MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
+
+
+def run():
+  """The `cifarjax` command: `main()` in a process whose malloc asks for huge pages.
+
+  Re-executes itself once with GLIBC_TUNABLES set, on Linux with glibc, unless
+  GLIBC_TUNABLES is already set (then it is left as the user set it) or
+  CIFARJAX_HUGE_PAGES=0.
+  """
+  if (sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+      and "GLIBC_TUNABLES" not in os.environ and os.environ.get("CIFARJAX_HUGE_PAGES") != "0"):
+    env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
+    os.execve(sys.executable, [sys.executable, "-m", "cifarjax", *sys.argv[1:]], env)
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

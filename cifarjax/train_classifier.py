@@ -107,9 +107,11 @@ def put_split(data: Split, mesh, pad_to: int = 1):
 
 def make_evaluate_split(model: nn.Module, mesh, batch_size: int):
   """evaluate(params, batch_stats, images, labels, n) -> {accuracy, top5, loss, num_examples},
-  in inference mode (BatchNorm running statistics, no dropout)."""
+  in inference mode (BatchNorm running statistics, no dropout). top5 is None for
+  models of fewer than 5 classes, where it would be trivially 1."""
   mesh_lib.check_batch_size(batch_size, mesh)
   sharded = mesh_lib.batch_sharded(mesh)
+  num_classes = {}  # read off the logits when eval_batch is traced
 
   @functools.partial(jax.jit, compiler_options=compiler.options())
   def eval_batch(params, batch_stats, images, labels, start, n):
@@ -118,7 +120,8 @@ def make_evaluate_split(model: nn.Module, mesh, batch_size: int):
     x = jax.lax.with_sharding_constraint(augment.normalize(augment.to_float(x)), sharded)
     logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
     mask = (start + jnp.arange(batch_size)) < n
-    top5 = jnp.any(jax.lax.top_k(logits, 5)[1] == y[:, None], axis=-1)
+    num_classes["logits"] = logits.shape[-1]
+    top5 = jnp.any(jax.lax.top_k(logits, min(5, logits.shape[-1]))[1] == y[:, None], axis=-1)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return (jnp.sum(mask * (jnp.argmax(logits, -1) == y)), jnp.sum(mask * top5),
             jnp.sum(mask * loss))
@@ -127,7 +130,8 @@ def make_evaluate_split(model: nn.Module, mesh, batch_size: int):
     totals = [eval_batch(params, batch_stats, images, labels, start, n)
               for start in range(0, n, batch_size)]
     correct, correct5, loss = (float(sum(t)) for t in zip(*jax.device_get(totals)))
-    return {"accuracy": correct / n, "top5": correct5 / n, "loss": loss / n, "num_examples": n}
+    top5 = correct5 / n if num_classes["logits"] >= 5 else None
+    return {"accuracy": correct / n, "top5": top5, "loss": loss / n, "num_examples": n}
 
   return evaluate
 
@@ -159,8 +163,7 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
   train_data = load_split(config.data, "train", holdout=config.holdout)
   test_data = load_split(config.data, "test", holdout=config.holdout)
   test_data = with_class_order(test_data, train_data.class_names)
-  check_training_data(train_data, config.data, config.batch_size, min_classes=5,
-                      why=" (the classifier's evaluation reports top-5 accuracy)")
+  check_training_data(train_data, config.data, config.batch_size, min_classes=2)
   note(f"{len(train_data):,} training and {len(test_data):,} test images of "
        f"{train_data.num_classes} classes; initialising the model (seconds to a minute)")
   workdir.mkdir(parents=True, exist_ok=True)

@@ -158,14 +158,18 @@ def test_3_images_of_another_size_are_refused(tmp_path, command):
   assert not (tmp_path / "run").exists()
 
 
-def test_4_fewer_than_five_classes_is_refused_before_training(tmp_path):
+def test_4_fewer_than_five_classes_trains_and_reports_no_top5(tmp_path):
   data = image_zip(tmp_path / "three.zip", classes=3)
-  code, _, err = call("train-classifier", "--data", data, *TRAIN, "--holdout", 4,
-                      "--batch-size", 4, "--workdir", tmp_path / "run")
-  assert code == 2
-  line = error_of(err, "train-classifier")
-  assert "3 class(es)" in line and "top-5" in line
-  assert not (tmp_path / "run").exists()
+  code, out, err = call("train-classifier", "--data", data, *TRAIN, "--holdout", 4,
+                        "--batch-size", 4, "--workdir", tmp_path / "run")
+  assert code == 0, err
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert summary["final_test_top5"] is None  # top-5 of 3 classes would be trivially 1
+  assert 0 <= summary["final_test_accuracy"] <= 1
+  code, out, err = call("train-classifier", "--data", image_zip(tmp_path / "one.zip", classes=1),
+                        *TRAIN, "--holdout", 2, "--batch-size", 4, "--workdir", tmp_path / "one")
+  assert code == 2 and "1 class(es)" in error_of(err, "train-classifier")
+  assert not (tmp_path / "one").exists()
 
 
 # --- 5: absolute paths in saved configs --------------------------------------------------

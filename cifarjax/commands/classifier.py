@@ -68,5 +68,6 @@ def evaluate(args):
     print(json.dumps(result))
   else:
     print(f"{result['data']}:{result['split']} at step {result['step']}: "
-          f"top-1 {result['accuracy']:.4f}, top-5 {result['top5']:.4f} "
+          f"top-1 {result['accuracy']:.4f}"
+          + (f", top-5 {result['top5']:.4f}" if result["top5"] is not None else "") + " "
           f"({result['num_examples']} images)")

@@ -75,13 +75,12 @@ def load_split(source: str = "cifar100", split: str = "train", *,
   return _load_split(source, split, holdout, data_dir, image_size)
 
 
-def check_training_data(data: Split, source: str, batch_size: int, min_classes: int = 2,
-                        why: str = ""):
+def check_training_data(data: Split, source: str, batch_size: int, min_classes: int = 2):
   """Raises a UserError unless `data` (a training split) can train a model: at least
   `min_classes` classes and at least `batch_size` images."""
   if data.num_classes < min_classes:
     raise UserError(f"{source} has {data.num_classes} class(es); training needs at least "
-                    f"{min_classes}{why}")
+                    f"{min_classes}")
   if len(data) < batch_size:
     raise UserError(f"--batch-size {batch_size} exceeds the {len(data)} training images of "
                     f"{source}")

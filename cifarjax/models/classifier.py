@@ -23,15 +23,15 @@ from typing import Callable, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cifarjax.models.depthwise import DepthwiseConv
+from cifarjax.models.layers import BatchNorm, DepthwiseConv, max_pool_2x2, pointwise_conv, spatial_mean
 
 BN_MOMENTUM = 0.9  # PyTorch momentum=0.1
 BN_EPSILON = 1e-5
 
 
 def batch_norm(train: bool, name=None):
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                      epsilon=BN_EPSILON, name=name)
+  return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                   epsilon=BN_EPSILON, name=name)
 
 
 class ExpandBlock(nn.Module):
@@ -40,8 +40,10 @@ class ExpandBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    k = self.kernel_size
-    x = nn.Conv(2 * x.shape[-1], (k, k), padding="SAME", use_bias=False)(x)
+    k, features = self.kernel_size, 2 * x.shape[-1]
+    conv = (pointwise_conv(features, use_bias=False) if k == 1 else
+            nn.Conv(features, (k, k), padding="SAME", use_bias=False))
+    x = conv(x)
     return nn.relu(batch_norm(train)(x))
 
 
@@ -58,12 +60,12 @@ class ResidualBlock(nn.Module):
   def __call__(self, x, train: bool):
     channels = x.shape[-1]
     width = channels // self.bottleneck_ratio
-    h = nn.Conv(width, (1, 1), use_bias=False)(x)
+    h = pointwise_conv(width, use_bias=False)(x)
     h = nn.relu(batch_norm(train)(h))
     h = DepthwiseConv(3, use_bias=False)(h)
-    h = nn.Conv(width, (1, 1), use_bias=False)(h)  # pointwise half of the separable conv
+    h = pointwise_conv(width, use_bias=False)(h)  # pointwise half of the separable conv
     h = nn.relu(batch_norm(train)(h))
-    h = nn.Conv(channels, (1, 1), use_bias=False)(h)
+    h = pointwise_conv(channels, use_bias=False)(h)
     h = batch_norm(train)(h)
     return nn.relu(x + h)
 
@@ -110,11 +112,11 @@ class Classifier(nn.Module):
       elif token == "residual":
         x = ResidualBlock(self.bottleneck_ratio)(x, train)
       elif token == "pool":
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
       else:
         extra = "".join(f", {k}" for k in self.blocks or ())
         raise ValueError(f"unknown layout token {token!r}; expected expand, residual, pool{extra}")
-    x = jnp.mean(x, axis=(1, 2))
+    x = spatial_mean(x)
     return nn.Dense(self.num_classes)(x)
 
 

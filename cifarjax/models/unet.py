@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cifarjax.models.depthwise import DepthwiseConv
+from cifarjax.models.layers import DepthwiseConv, max_pool_2x2, pointwise_conv
 
 MAX_GROUPS = 8
 
@@ -85,7 +85,7 @@ class ResidualBlock(nn.Module):
     for _ in range(2):
       h = nn.gelu(group_norm(channels)(h))
       h = DepthwiseConv(3)(h)
-      h = nn.Conv(channels, (1, 1))(h)  # pointwise
+      h = pointwise_conv(channels)(h)
     return x + h
 
 
@@ -147,15 +147,14 @@ class UNet(nn.Module):
     skips = []
     for level, width in enumerate(widths):
       if level:
-        h = nn.max_pool(h, (2, 2), strides=(2, 2))
-        h = nn.Conv(width, (1, 1))(h)
+        h = pointwise_conv(width)(max_pool_2x2(h))
       h = block()(h, t, labels)
       skips.append(h)
     for level in reversed(range(len(widths) - 1)):
       width = widths[level]
       h = nn.ConvTranspose(width, (2, 2), strides=(2, 2))(h)
       h = jnp.concatenate([h, skips[level]], axis=-1)
-      h = nn.Conv(width, (1, 1))(h)  # concatenation doubled the channels; reduce them
+      h = pointwise_conv(width)(h)  # concatenation doubled the channels; reduce them
       h = block()(h, t, labels)
     h = nn.gelu(group_norm(widths[0])(h))
     return nn.Conv(x.shape[-1], (3, 3), padding="SAME")(h)

@@ -1,0 +1,207 @@
+"""Layers that XLA compiles well on CPUs too, each equal to a standard one up to float rounding.
+
+Same parameters, same results; only the way XLA:CPU computes them differs.
+Each replaces a pattern that dominated the classifier's CPU train step in
+XLA's per-op profile (docs/benchmarks.md has the numbers):
+
+- `DepthwiseConv`: k*k shifted multiply-adds instead of XLA:CPU's slow
+  grouped convolution (other backends keep the convolution).
+- `pointwise_dot`: a 1x1 convolution whose gradients are matmuls, not
+  convolutions over transposed activations.
+- `BatchNorm`, `channel_sums`: batch statistics and their gradients summed
+  in two stages, which XLA:CPU fuses with the products being summed.
+- `max_pool_2x2`, `spatial_mean`: a pool and a global average written as
+  fused elementwise maxima and short sums.
+"""
+
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _shifted_products(x, kernel):
+  """The k*k terms of x (N, H, W, C) * kernel (k, k, 1, C), SAME zero padding (odd k)."""
+  k = kernel.shape[0]
+  p = k // 2
+  h, w = x.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  return [padded[:, i:i + h, j:j + w, :] * kernel[i, j, 0] for i in range(k) for j in range(k)]
+
+
+@jax.custom_vjp
+def shifted_depthwise_conv(x, kernel):
+  """x (N, H, W, C) * kernel (k, k, 1, C), zero-padded SAME (odd k), as k*k shifted products."""
+  return sum(_shifted_products(x, kernel))
+
+
+def _shifted_depthwise_fwd(x, kernel):
+  return shifted_depthwise_conv(x, kernel), (x, kernel)
+
+
+def _shifted_depthwise_bwd(residuals, g):
+  # The input gradient is the same kind of sum with the kernel flipped; the
+  # kernel gradient's k*k reductions go through `channel_sums`.
+  x, kernel = residuals
+  k = kernel.shape[0]
+  p = k // 2
+  h, w = x.shape[1:3]
+  dx = sum(_shifted_products(g, kernel[::-1, ::-1]))
+  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  sums = channel_sums(*(padded[:, i:i + h, j:j + w, :] * g for i in range(k) for j in range(k)))
+  return dx, jnp.stack(sums).reshape(kernel.shape)
+
+
+shifted_depthwise_conv.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
+
+
+class DepthwiseConv(nn.Module):
+  kernel_size: int = 3
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    channels, k = x.shape[-1], self.kernel_size
+    if k % 2 != 1:
+      raise ValueError(f"DepthwiseConv needs an odd kernel size for SAME padding, got {k}")
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, channels))
+    if jax.default_backend() == "cpu":
+      y = shifted_depthwise_conv(x, kernel)
+    else:
+      y = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", feature_group_count=channels,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (channels,))
+    return y
+
+
+def pointwise_dot(x, kernel, *args, **kwargs):
+  """A 1x1 convolution, stride 1, for `nn.Conv(conv_general_dilated=...)`, whose gradients are matmuls.
+
+  The forward pass stays a convolution (XLA lowers a 1x1 one to a matmul and
+  fuses it with its neighbours well). Its gradients are written as matmuls
+  over (N*H*W, C): as convolutions, XLA:CPU computes the weight gradient by
+  transposing the activations to (C, H, W, N) first, which dominated the
+  classifier's CPU train step.
+  """
+  del args, kwargs  # strides, padding, ...: all trivial for a 1x1 kernel with stride 1
+  return _pointwise(x, kernel)
+
+
+@jax.custom_vjp
+def _pointwise(x, kernel):
+  return lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _pointwise_fwd(x, kernel):
+  return _pointwise(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(residuals, g):
+  x, kernel = residuals
+  matrix = kernel.reshape(kernel.shape[-2:])
+  g_rows = g.reshape(-1, g.shape[-1])
+  dx = (g_rows @ matrix.T).reshape(x.shape)
+  dkernel = (x.reshape(-1, x.shape[-1]).T @ g_rows).reshape(kernel.shape)
+  return dx, dkernel
+
+
+_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
+def pointwise_conv(features: int, use_bias: bool = True) -> nn.Conv:
+  """`nn.Conv(features, (1, 1), use_bias=use_bias)` computed through `pointwise_dot`."""
+  return nn.Conv(features, (1, 1), use_bias=use_bias, conv_general_dilated=pointwise_dot)
+
+
+def max_pool_2x2(x):
+  """2x2 max-pool with stride 2 of NHWC maps with even H and W (`nn.max_pool(x, (2, 2), (2, 2))`)."""
+  return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]),
+                     jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
+
+
+def spatial_mean(x):
+  """Mean over H and W of NHWC maps, summed one axis at a time (XLA:CPU's fused
+  reduction over both axes at once measured ~3x slower)."""
+  return lax.optimization_barrier(x.sum(axis=1)).sum(axis=1) / (x.shape[1] * x.shape[2])
+
+
+def channel_sums(*arrays):
+  """Per-channel sums over all leading axes of NHWC arrays (one (C,) sum per array).
+
+  On CPUs XLA rewrites a reduction over the batch axis into a `reduce-window`
+  that cannot absorb its elementwise producer, so `sum(x * y)` first writes
+  x * y out in full. Summing over W first (a short reduction that fuses with
+  its producer), then over the small rest, avoids that; the barrier keeps XLA
+  from merging the two stages back into one.
+  """
+  if jax.default_backend() != "cpu" or arrays[0].ndim != 4:
+    return tuple(jnp.sum(a, axis=tuple(range(a.ndim - 1))) for a in arrays)
+  partial = lax.optimization_barrier(tuple(a.sum(axis=2) for a in arrays))
+  return tuple(p.sum(axis=(0, 1)) for p in partial)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon):
+  """BatchNorm with batch statistics: (y, mean, var), var = E[x^2] - E[x]^2 as flax computes it."""
+  return _batch_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+  n = x.size // x.shape[-1]
+  s1, s2 = channel_sums(x, x * x)
+  mean = s1 / n
+  var = jnp.maximum(0.0, s2 / n - mean * mean)
+  inv = lax.rsqrt(var + epsilon)
+  y = (x - mean) * (inv * scale) + bias
+  return (y, mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_bwd(epsilon, residuals, cotangents):
+  # The gradient written out with its two reductions as `channel_sums`; autodiff
+  # of the forward would leave them as batch-axis reductions (slow on CPU).
+  del epsilon  # inside inv already
+  x, mean, inv, scale = residuals
+  g, g_mean, g_var = cotangents
+  n = x.size // x.shape[-1]
+  centred = x - mean
+  sum_g, sum_g_centred = channel_sums(g, g * centred)
+  a = inv * scale
+  dx = (a * g + (g_mean - a * sum_g) / n
+        + centred * ((2 * g_var - a * inv * inv * sum_g_centred) / n))
+  return dx, sum_g_centred * inv, sum_g
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+class BatchNorm(nn.Module):
+  """`nn.BatchNorm` over the last axis (same parameters, statistics and update rule).
+
+  In training its reductions go through `channel_sums`, forward and backward.
+  Running statistics: `ra = momentum * ra + (1 - momentum) * batch`, with the
+  batch variance biased (divided by n), as flax's.
+  """
+  use_running_average: bool = False
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,))
+    bias = self.param("bias", nn.initializers.zeros, (features,))
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,))
+    if self.use_running_average:
+      return (x - ra_mean.value) * (lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+    if not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)
+      ra_var.value = m * ra_var.value + (1 - m) * lax.stop_gradient(var)
+    return y
