@@ -1,9 +1,8 @@
 """XLA compiler options for our jitted functions (`jax.jit(..., compiler_options=options())`).
 
 On CPUs, XLA's own convolution kernels are slow; XLA can instead hand
-convolutions and matmuls to YNNPACK (XNNPACK's successor, built into jaxlib),
-which measured 2x faster for the FID Inception (265 -> 135 ms/image, 2-core
-AMD EPYC, jax 0.10.2) and 1.3x for the classifier's train step. The switch is
+matmuls to YNNPACK (XNNPACK's successor, built into jaxlib), which halved the
+FID Inception's time (docs/benchmarks.md). The switch is
 still marked experimental in XLA, so it is tried once on a tiny program and
 left off where this jaxlib lacks or rejects it. Other backends get no options.
 """

@@ -125,8 +125,8 @@ def max_pool_2x2(x):
 
 
 def spatial_mean(x):
-  """Mean over H and W of NHWC maps, summed one axis at a time (XLA:CPU's fused
-  reduction over both axes at once measured ~3x slower)."""
+  """Mean over H and W of NHWC maps, summed one axis at a time, which XLA:CPU
+  vectorises better than one reduction over both axes."""
   return lax.optimization_barrier(x.sum(axis=1)).sum(axis=1) / (x.shape[1] * x.shape[2])
 
 
