@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from cifarjax import diffusion
-from cifarjax.models.unet import UNet, count_params, num_groups, paper_unet
+from cifarjax.models import count_params
+from cifarjax.models.unet import UNet, num_groups, paper_unet
 
 NUM_CLASSES = 10
 NUM_TIMESTEPS = 20

@@ -26,7 +26,8 @@ IMAGE_SIZE = (32, 32)  # what the models take
 HOLDOUT_SEED = 0  # fixed: the held-out slice must not move between runs
 
 
-def _is_cifar_archive(path: pathlib.Path) -> bool:
+def is_cifar_archive(path: pathlib.Path) -> bool:
+  """Whether `path` is an official CIFAR python-version archive (.tar.gz) or its extracted folder."""
   if path.name.endswith((".tar.gz", ".tgz")):
     return True
   return path.is_dir() and any((path / f).exists() for f in ("meta", "batches.meta"))
@@ -35,7 +36,7 @@ def _is_cifar_archive(path: pathlib.Path) -> bool:
 def _available_splits(source: str, path: pathlib.Path | None) -> tuple[str, ...]:
   if path is None:
     return ("train", "test")
-  if _is_cifar_archive(path):
+  if is_cifar_archive(path):
     return ("train", "test")
   from cifarjax.data.image_folder import image_folder_splits
   return image_folder_splits(path)
@@ -49,7 +50,7 @@ def _load_native(source: str, path: pathlib.Path | None, split: str, data_dir) -
   if source in ("cifar100", "cifar10"):
     from cifarjax.data.tfds_source import load_cifar
     return load_cifar(source, split, data_dir=data_dir)
-  if _is_cifar_archive(path):
+  if is_cifar_archive(path):
     from cifarjax.data.cifar_archive import load_cifar_archive
     return load_cifar_archive(path, split)
   from cifarjax.data.image_folder import load_image_folder
@@ -137,4 +138,4 @@ def with_class_order(data: Split, class_names) -> Split:
 
 
 __all__ = ["Split", "check_images", "check_training_data", "load_split", "with_class_order",
-           "holdout_indices", "DATASET_NAMES", "IMAGE_SIZE"]
+           "holdout_indices", "is_cifar_archive", "DATASET_NAMES", "IMAGE_SIZE"]

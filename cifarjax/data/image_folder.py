@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from cifarjax.data.split import Split
 from cifarjax.errors import UserError, clean_message
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
 def _open_zip(path: pathlib.Path) -> zipfile.ZipFile:

@@ -18,19 +18,12 @@ import zlib
 import numpy as np
 
 from cifarjax import cache
+from cifarjax.data import DATASET_NAMES, is_cifar_archive
+from cifarjax.data.image_folder import IMAGE_SUFFIXES, decode_image
 from cifarjax.errors import UserError, UserFileNotFoundError, clean_message, note
 from cifarjax.fid import features as features_lib
 from cifarjax.fid import stats as stats_lib
 from cifarjax.fid import weights as weights_lib
-
-IMAGE_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
-DATASET_NAMES = ("cifar100", "cifar10", "synthetic")  # cifarjax.data's names
-
-
-def _decode(raw: bytes, name: str) -> np.ndarray:
-  from cifarjax.data.image_folder import decode_image
-  return decode_image(raw, name)
-
 
 def _stack(images, names, where) -> np.ndarray:
   if not images:
@@ -52,26 +45,20 @@ def read_images(path) -> np.ndarray:
     files = sorted(p for p in path.rglob("*")
                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     names = [p.relative_to(path).as_posix() for p in files]
-    return _stack([_decode(p.read_bytes(), str(p)) for p in files], names, path)
+    return _stack([decode_image(p.read_bytes(), str(p)) for p in files], names, path)
   if zipfile.is_zipfile(path):
     try:
       with zipfile.ZipFile(path) as zf:
         names = sorted(n for n in zf.namelist()
                        if not n.endswith("/") and pathlib.PurePosixPath(n).suffix.lower()
                        in IMAGE_SUFFIXES)
-        return _stack([_decode(zf.read(n), f"{path}:{n}") for n in names], names, path)
+        return _stack([decode_image(zf.read(n), f"{path}:{n}") for n in names], names, path)
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:
       raise UserError(f"{path} is not a readable zip archive (truncated or corrupt?): "
                       f"{clean_message(e)}") from e
   if path.suffix.lower() == ".zip":
     raise UserError(f"{path} is not a readable zip archive (truncated or corrupt?)")
   raise UserError(f"{path} is neither a folder nor a .zip of images")
-
-
-def _is_cifar_archive(path: pathlib.Path) -> bool:
-  if path.name.endswith((".tar.gz", ".tgz")):
-    return True
-  return path.is_dir() and any((path / f).exists() for f in ("meta", "batches.meta"))
 
 
 def load_source(source, split: str = "train"):
@@ -95,7 +82,7 @@ def load_source(source, split: str = "train"):
       return "images", npz["images"]
     raise UserError(f"{path} holds neither FID statistics (mu, sigma) nor images "
                     f"(a uint8 'images' array); it has {', '.join(npz) or 'nothing'}")
-  if _is_cifar_archive(path):
+  if is_cifar_archive(path):
     from cifarjax.data import load_split
     return "images", load_split(str(path), split, image_size=None).images
   return "images", read_images(path)
@@ -207,7 +194,7 @@ def training_reference_stats(data: str, holdout: int, weights=None,
   of the reference. Cached as `reference_stats` (keyed by the holdout too)."""
   path = weights_lib.resolve_weights_path(weights)
   # Datasets and CIFAR archives have a test split: their train split is all of train.
-  whole = data in DATASET_NAMES or _is_cifar_archive(pathlib.Path(data).expanduser())
+  whole = data in DATASET_NAMES or is_cifar_archive(pathlib.Path(data).expanduser())
   split = "train" if whole else f"train-holdout{holdout}"
   cached = reference_stats_path(data, split, weights_lib.file_sha256(path))
   if cached.is_file():

@@ -20,17 +20,11 @@ rest of its batch: a sampler may run one chain per example under `jax.vmap`
 from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from cifarjax.models.layers import DepthwiseConv, max_pool_2x2, pointwise_conv
 
 MAX_GROUPS = 8
-
-
-def count_params(params) -> int:
-  """Number of scalars in a parameter pytree."""
-  return sum(x.size for x in jax.tree.leaves(params))
 
 
 def num_groups(channels: int, max_groups: int = MAX_GROUPS) -> int:
