@@ -1,11 +1,20 @@
 """Speed of the compiled steps: printed by `cifarjax bench` as one table, never asserted.
 
-Each benchmark compiles its step, runs it once (compile_s counts both), then
-times `steps` more runs and returns one row: images/s, ms per step, compile
-seconds, peak device memory (None where the backend does not report it, as
-on CPU) and the devices used. Inputs are random: speed does not depend on values.
+Each benchmark lowers and compiles its step ahead of time, runs it once
+(compile_s counts both), then times `steps` more runs and returns one row:
+images/s, ms per step, the step's FLOPs and the TFLOP/s they make, compile
+seconds, peak device memory (None where the backend does not report it, as on
+CPU) and the devices used (count, kind, backend), so that a speed can be held
+against the device's peak. Inputs are random: speed does not depend on values.
+
+FLOPs are XLA's cost analysis of the compiled program, which is what one device
+runs; all devices run the same program, so a step's FLOPs (and its TFLOP/s) are
+that times the device count. XLA counts the body of a loop once, whatever the
+trip count, so a program with a loop in it (the sampler's `lax.scan` over
+timesteps) gets None rather than a count that is too small.
 """
 
+import re
 import time
 
 import jax
@@ -13,10 +22,16 @@ import numpy as np
 
 from cifarjax import mesh as mesh_lib
 
-COLUMNS = (("benchmark", "{}"), ("batch", "{}"), ("images/s", "{:.1f}"), ("step ms", "{:.1f}"),
-           ("compile s", "{:.1f}"), ("peak MiB", "{:.0f}"), ("devices", "{}"))
-KEYS = ("benchmark", "batch_size", "images_per_s", "step_ms", "compile_s", "peak_device_mib",
-        "devices")
+# (header, row key, format of a value that is not None)
+COLUMNS = (("benchmark", "benchmark", "{}"), ("batch", "batch_size", "{}"),
+           ("images/s", "images_per_s", "{:.1f}"), ("TFLOP/s", "tflops", "{:.3g}"),
+           ("GFLOP/step", "flops", lambda v: f"{v / 1e9:.3g}"), ("step ms", "step_ms", "{:.1f}"),
+           ("compile s", "compile_s", "{:.1f}"), ("peak MiB", "peak_device_mib", "{:.0f}"),
+           ("devices", "devices", "{}"))
+# Every row's keys (the FID row adds the weights it used).
+KEYS = ("benchmark", "batch_size", "images_per_s", "tflops", "flops", "step_ms", "compile_s",
+        "peak_device_mib", "devices", "device_count", "device_kind", "backend")
+_WHILE_LOOP = re.compile(r"\bwhile\(")
 
 
 def _device_memory_peak():
@@ -25,12 +40,37 @@ def _device_memory_peak():
   return None if peak is None else peak / 2**20
 
 
-def _row(name, mesh, batch_size, compile_s, step_s, **extra) -> dict:
+def cost_flops(cost) -> float | None:
+  """The 'flops' entry of a `Compiled.cost_analysis()` result: a dict in current JAX, a list
+  holding one dict per program in older ones; None where the backend gives no count."""
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if len(cost) == 1 else None  # several programs: no single step to cost
+  if not hasattr(cost, "get"):
+    return None
+  flops = cost.get("flops")
+  return float(flops) if flops is not None and flops >= 0 else None
+
+
+def compiled_flops(compiled, num_devices: int) -> float | None:
+  """FLOPs of one call of `compiled` on all `num_devices` devices (see the module docstring)."""
+  try:
+    if _WHILE_LOOP.search(compiled.as_text() or ""):
+      return None
+    flops = cost_flops(compiled.cost_analysis())
+  except (NotImplementedError, RuntimeError, AttributeError):  # a backend without cost analysis
+    return None
+  return None if flops is None else flops * num_devices
+
+
+def _row(name, mesh, batch_size, compile_s, step_s, flops=None, **extra) -> dict:
+  device = jax.devices()[0]
   return {"benchmark": name, "batch_size": batch_size, "images_per_s": batch_size / step_s,
+          "tflops": None if flops is None else flops / step_s / 1e12, "flops": flops,
           "step_ms": 1e3 * step_s, "compile_s": compile_s,
           "peak_device_mib": _device_memory_peak(),
-          "devices": f"{mesh.size} x {jax.devices()[0].device_kind} ({jax.default_backend()})",
-          **extra}
+          "devices": f"{mesh.size} x {device.device_kind} ({jax.default_backend()})",
+          "device_count": mesh.size, "device_kind": device.device_kind,
+          "backend": jax.default_backend(), **extra}
 
 
 def time_calls(fn, steps: int):
@@ -45,16 +85,23 @@ def time_calls(fn, steps: int):
   return first_s, (time.perf_counter() - t0) / steps
 
 
-def _time_train_step(step_fn, state, batch, steps):
-  # The step donates its state, so each call must get the state the last one returned.
-  carry = {"state": state}
-  rng = jax.random.PRNGKey(0)
+def time_compiled(jitted, args, steps: int, mesh, carries_state: bool = False):
+  """(compile seconds, seconds per step, FLOPs per step) of `jitted(*args)`: compiled ahead
+  of time, so that the executable timed is the one whose cost is read. carries_state: the
+  step donates args[0] and returns the next one first, so each call gets the last one's."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  carry = {"state": args[0]}
 
   def call():
-    carry["state"], metrics = step_fn(carry["state"], batch, rng)
-    return metrics
+    if not carries_state:
+      return compiled(*args)
+    carry["state"], out = compiled(carry["state"], *args[1:])
+    return out
 
-  return time_calls(call, steps)
+  first_s, step_s = time_calls(call, steps)
+  return compile_s + first_s, step_s, compiled_flops(compiled, mesh.size)
 
 
 def _random_batch(mesh, batch_size, low, high):
@@ -75,7 +122,9 @@ def classifier(batch_size: int = 256, steps: int = 20, mesh=None) -> dict:
   tx, _ = make_optimizer(ClassifierConfig(), 195)
   state = jax.device_put(init_state(model, tx, 0), mesh_lib.replicated(mesh))
   batch = _random_batch(mesh, batch_size, -2, 2)
-  times = _time_train_step(make_train_step(model, tx, mesh), state, batch, steps)
+  rng = jax.random.PRNGKey(0)
+  times = time_compiled(make_train_step(model, tx, mesh), (state, batch, rng), steps, mesh,
+                        carries_state=True)
   return _row("classifier train step", mesh, batch_size, *times)
 
 
@@ -90,8 +139,9 @@ def diffusion(batch_size: int = 256, steps: int = 20, mesh=None) -> dict:
   tx, _ = td.make_optimizer(config, 195)
   state = jax.device_put(td.init_state(model, tx, 0), mesh_lib.replicated(mesh))
   batch = _random_batch(mesh, batch_size, -1, 1)
-  times = _time_train_step(td.make_train_step(model, schedule, tx, mesh, config), state, batch,
-                           steps)
+  step = td.make_train_step(model, schedule, tx, mesh, config)
+  times = time_compiled(step, (state, batch, jax.random.PRNGKey(0)), steps, mesh,
+                        carries_state=True)
   return _row("diffusion train step", mesh, batch_size, *times)
 
 
@@ -108,7 +158,7 @@ def sampler(batch_size: int = 256, steps: int = 2, sample_steps: int = 50, mesh=
   sample = make_sampler(model, schedule, mesh, batch_size, sampler="ddim", steps=sample_steps,
                         guidance=0.0)
   labels = np.arange(batch_size, dtype=np.int32) % 100
-  times = time_calls(lambda: sample(params, jax.random.PRNGKey(0), labels), steps)
+  times = time_compiled(sample, (params, jax.random.PRNGKey(0), labels), steps, mesh)
   return _row(f"DDIM-{sample_steps} sampling", mesh, batch_size, *times)
 
 
@@ -133,7 +183,7 @@ def fid(batch_size: int = 50, steps: int = 5, weights=None, mesh=None) -> dict:
   variables = jax.device_put(variables, mesh_lib.replicated(mesh))
   images = np.random.default_rng(0).integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)
   batch = jax.device_put(images, mesh_lib.batch_sharded(mesh))
-  times = time_calls(lambda: step(variables, batch), steps)
+  times = time_compiled(step, (variables, batch), steps, mesh)
   return _row("FID features", mesh, batch_size, *times, weights=weights_used)
 
 
@@ -142,10 +192,14 @@ BENCHMARKS = {"classifier": classifier, "diffusion": diffusion, "sampler": sampl
 
 def table_lines(rows):
   """Yields a markdown table of the rows, header first, a line per row as it arrives
-  (KEYS' columns; '-' where a value is None)."""
-  header = [name for name, _ in COLUMNS]
-  yield "| " + " | ".join(header) + " |"
-  yield "|" + "---|" * len(header)
+  (COLUMNS' columns; '-' where a value is None or missing)."""
+  yield "| " + " | ".join(header for header, _, _ in COLUMNS) + " |"
+  yield "|" + "---|" * len(COLUMNS)
   for row in rows:
-    yield "| " + " | ".join("-" if row[key] is None else fmt.format(row[key])
-                            for key, (_, fmt) in zip(KEYS, COLUMNS)) + " |"
+    yield "| " + " | ".join(_cell(row.get(key), fmt) for _, key, fmt in COLUMNS) + " |"
+
+
+def _cell(value, fmt) -> str:
+  if value is None:
+    return "-"
+  return fmt(value) if callable(fmt) else fmt.format(value)

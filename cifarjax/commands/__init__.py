@@ -8,6 +8,17 @@ from cifarjax.errors import UserError
 
 # Files a training run writes into its workdir before its first checkpoint.
 _START_FILES = ("config.json", "classes.json", "metrics.jsonl", "summary.json")
+DISTRIBUTED_MODES = ("auto", "on", "off")  # cifarjax.mesh.MODES, without importing JAX
+
+
+def distributed_flag(parser):
+  """Adds --distributed, the mode of `cifarjax.mesh.initialize_distributed`."""
+  parser.add_argument(
+      "--distributed", choices=DISTRIBUTED_MODES, default="auto",
+      help="join the other processes of a multi-process run (jax.distributed): auto where "
+           "JAX_COORDINATOR_ADDRESS is set or JAX detects the launcher (SLURM, Open MPI, a "
+           "Cloud TPU slice), on always, off never. A process that is one of several but "
+           "not joined refuses to start")
 
 
 def positive(flag: str, value, allow_none: bool = False):

@@ -22,9 +22,12 @@ def register(subparsers):
   p.set_defaults(func=info)
 
   p = subparsers.add_parser(
-      "bench", help="compiled step times, images/s and compile times, as one table",
+      "bench", help="compiled step times, images/s, FLOPs and TFLOP/s, compile times, as one "
+                    "table",
       description="Each benchmark named (default: all) runs in its own process, so that "
-                  "peak device memory is its own.")
+                  "peak device memory is its own. FLOPs are XLA's cost analysis of the "
+                  "compiled step, summed over all devices, as is TFLOP/s: hold it against "
+                  "the devices' peak (their count, kind and backend are in the row).")
   p.add_argument("what", nargs="*", type=_benchmark_name, metavar="NAME",
                  help=f"any of {', '.join(BENCHMARK_NAMES)} (default: all)")
   p.add_argument("--batch-size", type=int, help="default: 256 (models), 50 (FID)")
