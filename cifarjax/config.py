@@ -8,6 +8,7 @@ import dataclasses
 import json
 import pathlib
 
+from cifarjax import diffusion
 from cifarjax.augment import AugmentConfig
 from cifarjax.errors import UserError, UserFileNotFoundError
 
@@ -37,6 +38,7 @@ class ClassifierConfig:
   train_eval_size: int = 10_000  # fixed subset of train scored for train accuracy
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
+  steps_per_call: int = 1  # steps fused into one jitted call (loop.py); divides the cadences
 
 
 _NOISE_AUG = AugmentConfig(hflip_prob=0.5, vflip_prob=0.5, noise_prob=0.7, crop_prob=0.7)
@@ -70,8 +72,30 @@ class DiffusionConfig:
   - label_dropout: the probability of replacing a label by the null label in
     training, which classifier-free guidance needs; 0 (the paper's recipe)
     leaves the null label untrained, so sample with guidance 0.
+  - prediction: what the U-Net learns to output, "eps" (the noise: DDPM's and
+    the paper's) or "v" = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022), whose
+    target stays of unit scale at every noise level. Samplers read either
+    (`diffusion.PREDICTIONS`).
+  - loss_weighting: "none" (DDPM's simplified loss, the paper's) or "min-snr"
+    (Hang et al. 2023): each timestep's error in x_0 weighted by
+    min(SNR_t, min_snr_gamma), i.e. min(SNR, gamma) / SNR on the eps error and
+    min(SNR, gamma) / (SNR + 1) on the v error; it stops the many easy
+    low-noise steps from dominating the gradient.
+  The paper allows, and its final model used (section 6, "trained on the
+  entire dataset"):
+  - train_on: "train", or "train+test": the test split (or, where the source
+    has none, the held-out slice of train) added to the training images. Then
+    no image is left out of training; FID's reference stays the train split.
+  schedule names one in `diffusion.SCHEDULES`: "sigmoid" (Jabri et al., the
+  paper's), "linear" (DDPM's) or "sigmoid-blog" (the sigmoid on the betas of
+  the Annotated Diffusion blog the paper's code came from).
   unet names a size in `train_diffusion.UNET_SIZES` ("paper": 996,859
   parameters for 100 classes; "tiny": for tests).
+
+  DIFFUSION_PRESETS["improved"] is the paper's recipe with v-prediction,
+  min-SNR-5 weighting and label dropout 0.1 (so that guidance can be used);
+  sampling with `dpm++2m` is a separate choice. Its FID is not yet measured:
+  that needs a GPU run of the full 50,000 steps.
   """
   data: str = "cifar100"
   holdout: int = 5000  # held-out train images where a source has no test split (as the classifier)
@@ -84,6 +108,10 @@ class DiffusionConfig:
   hflip_prob: float = 0.5
   ema_decay: float = 0.999
   label_dropout: float = 0.0
+  prediction: str = "eps"
+  loss_weighting: str = "none"
+  min_snr_gamma: float = 5.0  # used by loss_weighting "min-snr"
+  train_on: str = "train"
   unet: str = "paper"
   seed: int = 0
   log_every: int = 100
@@ -91,6 +119,7 @@ class DiffusionConfig:
   eval_batch_size: int = 256
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
+  steps_per_call: int = 1  # steps fused into one jitted call (loop.py); divides the cadences
 
 
 # The paper's section 4 schedule comparison. It ran both schedules at batch 128
@@ -99,6 +128,8 @@ class DiffusionConfig:
 DIFFUSION_PRESETS = {
     "paper": DiffusionConfig(),
     "linear-schedule": DiffusionConfig(schedule="linear", batch_size=128),
+    "improved": DiffusionConfig(prediction="v", loss_weighting="min-snr", min_snr_gamma=5.0,
+                                label_dropout=0.1),
 }
 
 
@@ -112,12 +143,13 @@ def preset(presets: dict, name: str):
 
 # Fields the train commands set by a flag; errors name the flag, others the field.
 CLI_FLAGS = ("data", "holdout", "steps", "batch_size", "eval_every", "checkpoint_every",
-             "log_every", "seed", "label_dropout", "unet")
+             "log_every", "seed", "label_dropout", "unet", "steps_per_call", "train_on")
 DATASET_NAMES = ("cifar100", "cifar10", "synthetic")  # cifarjax.data's names
 # What each config's run is called in messages (never the class name).
 RUN_KINDS = {"ClassifierConfig": "classifier (train-classifier)",
              "DiffusionConfig": "generator (train-diffusion)"}
-SCHEDULES = ("sigmoid", "linear")
+# DiffusionConfig.train_on: the splits of the data a generator trains on, concatenated.
+TRAINING_SPLITS = {"train": ("train",), "train+test": ("train", "test")}
 
 
 def flag_name(field: str) -> str:
@@ -138,6 +170,11 @@ def _number(name, v, low, high, low_open=False, high_open=False):
   if (v <= low if low_open else v < low) or (v >= high if high_open else v > high):
     interval = (f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
     raise UserError(f"{name} must lie in {interval}, got {v}")
+
+
+def _choice(name, v, choices):
+  if v not in choices:
+    raise UserError(f"{name} must be one of {', '.join(choices)}, got {v!r}")
 
 
 def _check_fields(config, prefix=""):
@@ -171,8 +208,15 @@ def _check_fields(config, prefix=""):
       if v < 2:
         raise UserError(f"{name} must be at least 2, got {v}")
     elif field.name == "schedule":
-      if v not in SCHEDULES:
-        raise UserError(f"{name} must be one of {', '.join(SCHEDULES)}, got {v!r}")
+      _choice(name, v, diffusion.SCHEDULES)
+    elif field.name == "prediction":
+      _choice(name, v, diffusion.PREDICTIONS)
+    elif field.name == "loss_weighting":
+      _choice(name, v, diffusion.LOSS_WEIGHTINGS)
+    elif field.name == "min_snr_gamma":
+      _number(name, v, 0, float("inf"), low_open=True, high_open=True)
+    elif field.name == "train_on":
+      _choice(name, v, TRAINING_SPLITS)
     elif field.name == "unet":
       if not isinstance(v, str) or not v:
         raise UserError(f"{name} must name a U-Net size, got {v!r}")
@@ -188,6 +232,11 @@ def validate(config):
   before the workdir is touched, so a rejected run leaves nothing behind.
   """
   _check_fields(config)
+  k = getattr(config, "steps_per_call", 1)
+  for field in ("log_every", "eval_every", "checkpoint_every"):
+    if getattr(config, field) % k:
+      raise UserError(f"{flag_name(field)} {getattr(config, field)} must be a multiple of "
+                      f"{flag_name('steps_per_call')} {k}, so that fused calls end on it")
   return config
 
 
@@ -265,8 +314,14 @@ def _same(key, saved, new) -> bool:
   return False
 
 
+# Fields that say how long and how visibly a run goes, not what it trains: a resume may change them.
+RUN_CONTROL = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+               "steps_per_call", "eval_batch_size")
+
+
 def check_resumable(workdir, config):
-  """A workdir holds one run: resuming with another config (but `steps`) is an error.
+  """A workdir holds one run: resuming with another recipe is an error; the run-control
+  fields (RUN_CONTROL: length, cadences, steps per call) may change between calls.
   Touches nothing: a workdir that is a file, or holds another kind of run or another
   config, raises a UserError before anything is written."""
   _check_folder(workdir)
@@ -279,7 +334,9 @@ def check_resumable(workdir, config):
     raise UserError(f"{workdir} holds a {_kind(kind)} run, not a "
                     f"{_kind(type(config).__name__)} run; use another --workdir")
   new = json.loads(json.dumps(to_dict(config)))  # tuples as JSON lists, as saved
-  differ = sorted(k for k in new if k != "steps" and not _same(k, saved.get(k), new[k]))
+  # A field newer than the saved run held its default there.
+  saved = {**json.loads(json.dumps(to_dict(type(config)()))), **saved}
+  differ = sorted(k for k in new if k not in RUN_CONTROL and not _same(k, saved.get(k), new[k]))
   if differ:
     details = "; ".join(f"{flag_name(k)}: {saved.get(k)!r} there, {new[k]!r} now"
                         for k in differ[:4])

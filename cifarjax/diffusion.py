@@ -3,11 +3,20 @@
 Conventions. Timesteps are 0-based: t in [0, T) is DDPM's step t + 1, so
 x_t ~ N(sqrt(alphabar_t) x_0, (1 - alphabar_t) I) with alphabar_t the product
 of alpha_0..alpha_t, and t = 0 is the least noisy level. The level "t = -1" is
-the clean image (alphabar = 1); samplers step down to it last.
+the clean image (alphabar = 1); samplers step down to it last. Below, alpha_t
+= sqrt(alphabar_t) and sigma_t = sqrt(1 - alphabar_t), so x_t = alpha_t x_0 +
+sigma_t eps and SNR_t = alpha_t^2 / sigma_t^2.
 
-An `eps_fn(x, t, labels) -> eps` is the noise model applied to a batch: x float
-(B, H, W, C), t int32 (B,), labels int32 (B,). Labels lie in [0, num_classes];
-the index num_classes is the "null" label of classifier-free guidance.
+A `model_fn(x, t, labels) -> output` is the network applied to a batch: x float
+(B, H, W, C), t int32 (B,), labels int32 (B,). Its output is what the
+`prediction` it was trained for names (`PREDICTIONS`): the noise eps (DDPM's
+choice, the paper's), or v. Labels lie in [0, num_classes]; the index
+num_classes is the "null" label of classifier-free guidance.
+
+Choices by name live in registries, each a dict: `SCHEDULES` (name ->
+schedule(num_timesteps)), `SAMPLERS` (name -> reverse chain), `PREDICTIONS`
+and `LOSS_WEIGHTINGS`. Adding one is a function and an entry; an unknown
+name raises a ValueError that lists the registered ones.
 
 Everything here traces under `jax.jit`: shapes are static and the reverse
 chains run under `jax.lax.scan`, with no Python loop over timesteps.
@@ -19,7 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def _registered(registry: dict, what: str, name: str):
+  """registry[name], or a ValueError naming what is registered."""
+  if name not in registry:
+    raise ValueError(f"unknown {what} {name!r}; registered: {', '.join(registry)}")
+  return registry[name]
 
 
 class Schedule(NamedTuple):
@@ -107,6 +123,33 @@ def sigmoid_schedule(num_timesteps: int = 1000, start: float = -3.0, end: float 
   return schedule_from_betas(betas)
 
 
+def sigmoid_blog_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4,
+                          beta_end: float = 0.02) -> Schedule:
+  """The sigmoid schedule of The Annotated Diffusion Model, the blog the paper's code came from.
+
+  betas = sigmoid(linspace(-6, 6, T)) (beta_end - beta_start) + beta_start.
+  Not `sigmoid_schedule`: this one puts the sigmoid on the betas, not on
+  alphabar, and since sigmoid(-6) = 1 - sigmoid(6) = 0.0025 its betas stop
+  short of both beta_start and beta_end. The paper cites Jabri et al. for its
+  sigmoid schedule but took its code from this blog, so which of the two its
+  FID numbers used is open; both are here.
+  """
+  z = np.linspace(-6.0, 6.0, num_timesteps, dtype=np.float64)
+  return schedule_from_betas(1.0 / (1.0 + np.exp(-z)) * (beta_end - beta_start) + beta_start)
+
+
+SCHEDULES: dict[str, Callable[[int], Schedule]] = {
+    "sigmoid": sigmoid_schedule,  # the paper's choice (Jabri et al. 2022)
+    "linear": linear_schedule,  # DDPM's
+    "sigmoid-blog": sigmoid_blog_schedule,
+}
+
+
+def make_schedule(name: str, num_timesteps: int) -> Schedule:
+  """The registered schedule `name` (see SCHEDULES) over num_timesteps steps."""
+  return _registered(SCHEDULES, "schedule", name)(num_timesteps)
+
+
 def _expand(v, ndim):
   """v (shaped like t: () or (B,)) reshaped to broadcast against an array of rank ndim."""
   v = jnp.asarray(v)
@@ -136,6 +179,97 @@ def q_sample(schedule: Schedule, x0, t, noise):
 def diffusion_loss(eps_pred, noise):
   """DDPM's simplified objective: mean squared error between predicted and true noise."""
   return jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - noise))
+
+
+def snr(schedule: Schedule, t):
+  """The signal-to-noise ratio alpha_t^2 / sigma_t^2 = alphabar_t / (1 - alphabar_t), t >= 0."""
+  return jnp.square(schedule.sqrt_alphas_cumprod[t] / schedule.sqrt_one_minus_alphas_cumprod[t])
+
+
+class Prediction(NamedTuple):
+  """What a network outputs, as functions of (x_t = alpha x0 + sigma eps, alpha, sigma).
+
+  target(x0, eps, alpha, sigma): what training regresses the output on.
+  to_eps / to_x0(output, x_t, alpha, sigma): the noise and the clean image an
+    output implies, which is how every sampler reads any model.
+  x0_error_scale(snr): its squared error over x0's, ||out - target||^2 =
+    scale ||x0_pred - x0||^2, which loss weightings defined on x0 divide by.
+  """
+  target: Callable
+  to_eps: Callable
+  to_x0: Callable
+  x0_error_scale: Callable
+
+
+# eps (Ho et al. 2020): x0 = (x_t - sigma eps) / alpha; its error is alpha/sigma times x0's.
+EPS_PREDICTION = Prediction(
+    target=lambda x0, eps, alpha, sigma: eps,
+    to_eps=lambda out, x_t, alpha, sigma: out,
+    to_x0=lambda out, x_t, alpha, sigma: (x_t - sigma * out) / alpha,
+    x0_error_scale=lambda snr: snr)
+
+# v = alpha eps - sigma x0 (Salimans & Ho 2022). With alpha^2 + sigma^2 = 1, x0 = alpha x_t
+# - sigma v and eps = sigma x_t + alpha v, so neither divides by a vanishing alpha or
+# sigma; x0's error is -sigma times v's, and 1 / sigma^2 = SNR + 1.
+V_PREDICTION = Prediction(
+    target=lambda x0, eps, alpha, sigma: alpha * eps - sigma * x0,
+    to_eps=lambda out, x_t, alpha, sigma: sigma * x_t + alpha * out,
+    to_x0=lambda out, x_t, alpha, sigma: alpha * x_t - sigma * out,
+    x0_error_scale=lambda snr: snr + 1.0)
+
+PREDICTIONS: dict[str, Prediction] = {"eps": EPS_PREDICTION, "v": V_PREDICTION}
+
+
+def no_weighting(snr, x0_error_scale, min_snr_gamma):
+  """DDPM's simplified objective: every timestep weighs the same."""
+  return jnp.ones_like(snr)
+
+
+def min_snr_weighting(snr, x0_error_scale, min_snr_gamma):
+  """Min-SNR-gamma (Hang et al. 2023): the x0 error weighted by min(SNR, gamma).
+
+  In the prediction's own error that is min(SNR, gamma) / x0_error_scale:
+  min(SNR, gamma) / SNR for eps, min(SNR, gamma) / (SNR + 1) for v. It caps
+  the weight of the low-noise steps, whose easy targets otherwise dominate
+  the gradient.
+  """
+  return jnp.minimum(snr, min_snr_gamma) / x0_error_scale
+
+
+LOSS_WEIGHTINGS: dict[str, Callable] = {"none": no_weighting, "min-snr": min_snr_weighting}
+
+
+def loss_weights(schedule: Schedule, t, *, prediction: str = "eps", loss_weighting: str = "none",
+                 min_snr_gamma: float = 5.0):
+  """The per-example loss weights (shaped like t) of a weighting for a prediction."""
+  weigh = _registered(LOSS_WEIGHTINGS, "loss weighting", loss_weighting)
+  scale = _registered(PREDICTIONS, "prediction", prediction).x0_error_scale
+  ratio = snr(schedule, t)
+  return weigh(ratio, scale(ratio), min_snr_gamma)
+
+
+def training_loss(model_fn: ModelFn, schedule: Schedule, x0, labels, rng, *,
+                  prediction: str = "eps", loss_weighting: str = "none",
+                  min_snr_gamma: float = 5.0):
+  """The denoising loss of a batch: noise each image to a uniform random t, regress the target.
+
+  x0: float (B, ...) in the model's range; labels: int32 (B,). rng splits into
+  the timestep and the noise keys. The loss is the mean over the batch and the
+  pixels of weight_t (output - target)^2. With the defaults (eps, unweighted)
+  it is DDPM's simplified objective, the paper's: every weight is 1, exactly.
+  """
+  target_of = _registered(PREDICTIONS, "prediction", prediction).target
+  t_key, noise_key = jax.random.split(rng)
+  t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_timesteps)
+  noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+  x_t = q_sample(schedule, x0, t, noise)
+  alpha = _at(schedule.sqrt_alphas_cumprod, t, x0.ndim)
+  sigma = _at(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
+  weights = loss_weights(schedule, t, prediction=prediction, loss_weighting=loss_weighting,
+                         min_snr_gamma=min_snr_gamma)
+  output = model_fn(x_t, t, labels).astype(jnp.float32)
+  error = jnp.square(output - target_of(x0, noise, alpha, sigma))
+  return jnp.mean(_expand(weights, error.ndim) * error)
 
 
 def drop_labels(rng, labels, null_label: int, p: float):
@@ -201,39 +335,168 @@ def sampling_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
   return np.round(np.linspace(num_timesteps - 1, 0, num_steps)).astype(np.int32)
 
 
-def guided_eps(eps_fn: EpsFn, guidance, null_label):
-  """The per-example noise model x (H, W, C), t (), label () -> eps, with classifier-free guidance.
+def guided_model(model_fn: ModelFn, guidance, null_label):
+  """The per-example model x (H, W, C), t (), label () -> output, with classifier-free guidance.
 
-  eps = (1 + w) eps(x, t, label) - w eps(x, t, null). With guidance a Python 0
-  the unconditional pass is skipped; a traced w runs both. Each call is eps_fn
-  on a batch of 1 (or 2 with guidance); under `jax.vmap` over examples XLA
-  batches these into one call per step.
+  output = (1 + w) model(x, t, label) - w model(x, t, null). Every prediction
+  in PREDICTIONS maps outputs to eps affinely with coefficients of (x, t)
+  alone, so guiding the outputs is guiding the noise, as Ho & Salimans do.
+  With guidance a Python 0 the unconditional pass is skipped; a traced w runs
+  both. Each call is model_fn on a batch of 1 (or 2 with guidance); under
+  `jax.vmap` over examples XLA batches these into one call per step.
   """
   if isinstance(guidance, (int, float)) and guidance == 0:
-    return lambda x, t, label: eps_fn(x[None], t[None], label[None])[0]
+    return lambda x, t, label: model_fn(x[None], t[None], label[None])[0]
   if null_label is None:
     raise ValueError("classifier-free guidance needs null_label (the model's num_classes)")
 
-  def eps(x, t, label):
-    both = eps_fn(jnp.stack([x, x]), jnp.stack([t, t]),
-                  jnp.stack([label, jnp.asarray(null_label, label.dtype)]))
+  def guided(x, t, label):
+    both = model_fn(jnp.stack([x, x]), jnp.stack([t, t]),
+                    jnp.stack([label, jnp.asarray(null_label, label.dtype)]))
     return (1.0 + guidance) * both[0] - guidance * both[1]
-  return eps
+  return guided
 
 
-def sample(eps_fn: EpsFn, schedule: Schedule, rng, labels, *, image_shape=(32, 32, 3),
+def _denoiser(model_one, schedule: Schedule, prediction: Prediction, label):
+  """predict(x, t) -> (eps, x0) of one example's chain at level t >= 0, from one model call.
+
+  Samplers take what they need; XLA drops the other.
+  """
+  def predict(x, t):
+    output = model_one(x, t, label)
+    alpha, sigma = schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]
+    return (prediction.to_eps(output, x, alpha, sigma),
+            prediction.to_x0(output, x, alpha, sigma))
+  return predict
+
+
+def _is_zero(eta) -> bool:
+  return isinstance(eta, (int, float)) and eta == 0
+
+
+# A sampler runs one example's reverse chain: sampler(predict, schedule, x_T, key,
+# num_steps, eta) -> x at the clean level, float32 like x_T. predict(x, t) -> (eps, x0) is
+# the model at level t (`_denoiser`); key drives the sampler's own noise; num_steps
+# (static) and eta are `sample`'s. Under `jax.vmap` in `sample`, so no batch axis here.
+
+def ddpm_sampler(predict, schedule: Schedule, x, key, num_steps, eta):
+  """DDPM's ancestral chain: all T `ddpm_step`s, x_{T-1} -> ... -> x_0 -> the clean image.
+
+  eta is DDIM's; DDPM's step has its own variance (the posterior's).
+  """
+  T = schedule.num_timesteps
+  if num_steps not in (None, T):
+    raise ValueError(
+        f"ddpm runs all {T} steps; for fewer use sampler='ddim' (eta=1 is ancestral)")
+
+  def step(x, inputs):
+    t, step_key = inputs
+    eps, _ = predict(x, t)
+    return ddpm_step(schedule, eps, x, t, jax.random.normal(step_key, x.shape, x.dtype)), None
+
+  ts = np.arange(T - 1, -1, -1, dtype=np.int32)
+  x, _ = jax.lax.scan(step, x, (jnp.asarray(ts), jax.random.split(key, T)))
+  return x
+
+
+def _next_levels(ts) -> np.ndarray:
+  """The level each step of a descending `ts` lands on: the next timestep, the clean -1 last."""
+  return np.append(ts[1:], -1).astype(np.int32)
+
+
+def ddim_sampler(predict, schedule: Schedule, x, key, num_steps, eta):
+  """DDIM's chain: `ddim_step` over `sampling_timesteps(T, num_steps)` (default T) with eta."""
+  T = schedule.num_timesteps
+  ts = sampling_timesteps(T, T if num_steps is None else num_steps)
+  # eta = 0 adds no noise; drawing none saves a random generator per step.
+  stochastic = not _is_zero(eta)
+
+  def step(x, inputs):
+    t, t_prev, step_key = inputs
+    eps, _ = predict(x, t)
+    z = jax.random.normal(step_key, x.shape, x.dtype) if stochastic else None
+    return ddim_step(schedule, eps, x, t, t_prev, eta, z), None
+
+  step_keys = jax.random.split(key, len(ts)) if stochastic else jnp.zeros(len(ts))
+  x, _ = jax.lax.scan(step, x, (jnp.asarray(ts), jnp.asarray(_next_levels(ts)), step_keys))
+  return x
+
+
+def dpmpp_2m_coefficients(schedule: Schedule, ts):
+  """(sigma_ratio, data_coef, correction), each float32 (len(ts),), of DPM-Solver++(2M).
+
+  Step i goes from level ts[i] (call it s) to the next level (t, the clean
+  image after ts[-1]) by
+    D = x0_i + correction_i (x0_i - x0_{i-1})
+    x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) D,  h = lambda_t - lambda_s,
+  lambda = log(alpha / sigma) (Lu et al. 2022, "DPM-Solver++", Algorithm 2). The
+  second-order term is correction_i = 1 / (2 r_i), r_i = h_{i-1} / h_i: x0 taken
+  as linear in lambda through the last two predictions. Step 0 has no earlier
+  prediction, and the step to the clean image has h = infinity (sigma_t = 0),
+  where only the first-order step is finite: it lands on x0_i. Those two use
+  correction 0, which makes them DDIM steps. alpha_t (1 - e^{-h}) is written
+  alpha_t - alpha_s sigma_t / sigma_s, which is finite at the clean level too.
+  """
+  ts = np.asarray(ts)
+  alpha = schedule.sqrt_alphas_cumprod[ts]
+  sigma = schedule.sqrt_one_minus_alphas_cumprod[ts]
+  alpha_next = jnp.append(alpha[1:], 1.0)
+  sigma_ratio = jnp.append(sigma[1:], 0.0) / sigma
+  data_coef = alpha_next - alpha * sigma_ratio
+  lam = jnp.log(alpha) - jnp.log(sigma)
+  h = lam[1:] - lam[:-1]  # the steps between sampled timesteps (not to the clean image)
+  correction = jnp.concatenate([jnp.zeros(1), 0.5 * h[1:] / h[:-1], jnp.zeros(1)])[:len(ts)]
+  return sigma_ratio, data_coef, correction
+
+
+def dpmpp_2m_sampler(predict, schedule: Schedule, x, key, num_steps, eta):
+  """DPM-Solver++(2M), the multistep second-order solver of the probability-flow ODE in its
+  data-prediction form (Lu et al. 2022), over `sampling_timesteps(T, num_steps)` (default T)
+  and then to the clean image; see `dpmpp_2m_coefficients`. One model call per step, as
+  DDIM, with an error that falls (asymptotically) as 1/num_steps^2 where DDIM's falls as
+  1/num_steps.
+
+  Deterministic: eta must be 0 and key is not used.
+  """
+  if not _is_zero(eta):
+    raise ValueError(f"dpm++2m is deterministic: eta must be 0, got {eta}")
+  T = schedule.num_timesteps
+  ts = sampling_timesteps(T, T if num_steps is None else num_steps)
+
+  def step(carry, inputs):
+    x, x0_prev = carry
+    t, sigma_ratio, data_coef, correction = inputs
+    _, x0 = predict(x, t)
+    d = x0 + correction * (x0 - x0_prev)
+    return (sigma_ratio * x + data_coef * d, x0), None
+
+  (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)),
+                           (jnp.asarray(ts), *dpmpp_2m_coefficients(schedule, ts)))
+  return x
+
+
+SAMPLERS: dict[str, Callable] = {
+    "ddpm": ddpm_sampler,  # the paper's
+    "ddim": ddim_sampler,
+    "dpm++2m": dpmpp_2m_sampler,
+}
+
+
+def sample(model_fn: ModelFn, schedule: Schedule, rng, labels, *, image_shape=(32, 32, 3),
            sampler: str = "ddpm", num_steps: int | None = None, eta: float = 0.0,
-           guidance=0.0, null_label: int | None = None, x_T=None):
+           guidance=0.0, null_label: int | None = None, x_T=None, prediction: str = "eps"):
   """Runs the reverse chain from noise to images, one chain per label.
 
   labels: int32 (B,), one image per label (pass null_label for unconditional
-  samples). sampler 'ddpm': T ancestral steps (`ddpm_step`); num_steps must be
-  None or T. sampler 'ddim': `ddim_step` over `sampling_timesteps(T,
-  num_steps)` (default T) with the given eta. guidance: classifier-free
-  guidance weight w (0 = off; a Python number or a traced scalar); it needs
-  null_label. x_T: optional (B, ...) starting noise, e.g. slerped DDIM
-  latents, which then sets the image shape; by default drawn from rng.
-  sampler, num_steps, image_shape and null_label are static under `jax.jit`.
+  samples). sampler names one in SAMPLERS: 'ddpm', T ancestral steps
+  (`ddpm_step`), num_steps None or T; 'ddim', `ddim_step` over
+  `sampling_timesteps(T, num_steps)` (default T) with the given eta;
+  'dpm++2m', DPM-Solver++(2M) over the same timesteps (eta 0). guidance:
+  classifier-free guidance weight w (0 = off; a Python number or a traced
+  scalar); it needs null_label. x_T: optional (B, ...) starting noise, e.g.
+  slerped DDIM latents, which then sets the image shape; by default drawn from
+  rng. prediction: what model_fn outputs (PREDICTIONS: 'eps' or 'v'). sampler,
+  num_steps, image_shape, null_label and prediction are static under `jax.jit`.
 
   The chain for one example is a `lax.scan` over timesteps, and it is
   `jax.vmap`ped over the batch: each example has its own key, so an image
@@ -241,47 +504,26 @@ def sample(eps_fn: EpsFn, schedule: Schedule, rng, labels, *, image_shape=(32, 3
   model calls become one batched call per step. Returns float32 (B,
   *image_shape), not clipped.
   """
-  T = schedule.num_timesteps
-  if sampler == "ddpm":
-    if num_steps not in (None, T):
-      raise ValueError(
-          f"ddpm runs all {T} steps; for fewer use sampler='ddim' (eta=1 is ancestral)")
-    ts = np.arange(T - 1, -1, -1, dtype=np.int32)
-  elif sampler == "ddim":
-    ts = sampling_timesteps(T, T if num_steps is None else num_steps)
-  else:
-    raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-  ts_prev = np.append(ts[1:], -1).astype(np.int32)
-  eps_one = guided_eps(eps_fn, guidance, null_label)
+  run_chain = _registered(SAMPLERS, "sampler", sampler)
+  parametrisation = _registered(PREDICTIONS, "prediction", prediction)
+  model_one = guided_model(model_fn, guidance, null_label)
   image_shape = tuple(image_shape) if x_T is None else x_T.shape[1:]
-
-  # DDIM with eta = 0 adds no noise; drawing none saves a sampler per step.
-  stochastic = sampler == "ddpm" or not (isinstance(eta, (int, float)) and eta == 0)
 
   def chain(key, label, x):
     init_key, steps_key = jax.random.split(key)
     if x is None:
       x = jax.random.normal(init_key, image_shape, jnp.float32)
-
-    def step(x, inputs):
-      t, t_prev, step_key = inputs
-      eps = eps_one(x, t, label)
-      z = jax.random.normal(step_key, x.shape, x.dtype) if stochastic else None
-      if sampler == "ddpm":
-        return ddpm_step(schedule, eps, x, t, z), None
-      return ddim_step(schedule, eps, x, t, t_prev, eta, z), None
-
-    step_keys = jax.random.split(steps_key, len(ts)) if stochastic else jnp.zeros(len(ts))
-    x, _ = jax.lax.scan(step, x, (jnp.asarray(ts), jnp.asarray(ts_prev), step_keys))
-    return x
+    predict = _denoiser(model_one, schedule, parametrisation, label)
+    return run_chain(predict, schedule, x, steps_key, num_steps, eta)
 
   labels = jnp.asarray(labels, jnp.int32)
   keys = jax.random.split(rng, labels.shape[0])
   return jax.vmap(chain)(keys, labels, x_T)
 
 
-def ddim_invert(eps_fn: EpsFn, schedule: Schedule, x0, labels, *, num_steps: int | None = None,
-                guidance=0.0, null_label: int | None = None):
+def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0, labels, *,
+                num_steps: int | None = None, guidance=0.0, null_label: int | None = None,
+                prediction: str = "eps"):
   """Encodes images into DDIM latents x_T: the deterministic DDIM chain run upwards.
 
   x0: float (B, *image_shape); labels: int32 (B,). Uses the timesteps of
@@ -290,7 +532,7 @@ def ddim_invert(eps_fn: EpsFn, schedule: Schedule, x0, labels, *, num_steps: int
   evaluated at the current point and level (an explicit Euler step of the
   probability-flow ODE, exact where eps is constant along the path; from the
   clean image the model is asked at t = 0). Sampling the result with the same
-  steps and eta = 0 approximately returns x0.
+  steps and eta = 0 approximately returns x0. prediction: as `sample`'s.
 
   Why this and not adding noise: DDPM's ancestral chain is stochastic, so an
   image has no single latent; DDIM with eta = 0 is a deterministic map between
@@ -301,12 +543,15 @@ def ddim_invert(eps_fn: EpsFn, schedule: Schedule, x0, labels, *, num_steps: int
   T = schedule.num_timesteps
   ts_up = sampling_timesteps(T, T if num_steps is None else num_steps)[::-1]
   ts_from = np.insert(ts_up[:-1], 0, -1).astype(np.int32)
-  eps_one = guided_eps(eps_fn, guidance, null_label)
+  parametrisation = _registered(PREDICTIONS, "prediction", prediction)
+  model_one = guided_model(model_fn, guidance, null_label)
 
   def chain(x, label):
+    predict = _denoiser(model_one, schedule, parametrisation, label)
+
     def step(x, inputs):
       t_from, t_to = inputs
-      eps = eps_one(x, jnp.maximum(t_from, 0), label)
+      eps, _ = predict(x, jnp.maximum(t_from, 0))
       return ddim_step(schedule, eps, x, t_from, t_to, 0.0), None
 
     x, _ = jax.lax.scan(step, x, (jnp.asarray(ts_from), jnp.asarray(ts_up)))

@@ -1,7 +1,9 @@
 """Sampling and interpolating with a trained generator (Part 2, section 5).
 
-Both use the EMA weights (see DiffusionConfig.ema_decay). Images come back as
-uint8 NHWC, the form FID, PNG writers and `.npz` files take.
+Both use the EMA weights by default (see DiffusionConfig.ema_decay; `sample_from`
+picks the raw ones instead), and read the model's output as the prediction it
+was trained for (DiffusionConfig.prediction). Images come back as uint8 NHWC,
+the form FID, PNG writers and `.npz` files take.
 """
 
 import functools
@@ -19,7 +21,18 @@ from cifarjax.errors import UserError, note
 from cifarjax.train_diffusion import load_trained, make_schedule, to_model_range, to_uint8
 
 
-def _eps_fn(model, params):
+# Which weights of a DiffusionState to sample: the EMA ones (the default), or the raw
+# ones the last step left, to see what the average buys.
+SAMPLE_FROM = {"ema": lambda state: state.ema_params, "raw": lambda state: state.params}
+
+
+def check_sample_from(sample_from: str) -> str:
+  if sample_from not in SAMPLE_FROM:
+    raise UserError(f"sample_from must be one of {', '.join(SAMPLE_FROM)}, got {sample_from!r}")
+  return sample_from
+
+
+def _model_fn(model, params):
   return lambda x, t, labels: model.apply({"params": params}, x, t, labels)
 
 
@@ -51,16 +64,18 @@ def _check_guidance(guidance: float, config):
 
 
 def make_sampler(model, schedule, mesh, batch_size: int, *, sampler: str, steps: int | None,
-                 guidance: float):
+                 guidance: float, prediction: str = "eps"):
   """sample_batch(params, rng, labels (batch_size,)) -> float images, jitted once and
-  split over the mesh's devices (each image's chain runs where its label lies)."""
+  split over the mesh's devices (each image's chain runs where its label lies).
+  prediction: what the model outputs (its DiffusionConfig.prediction)."""
   mesh_lib.check_batch_size(batch_size, mesh)
   replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
   guidance = float(guidance)
 
   def sample_batch(params, rng, labels):
-    return diffusion.sample(_eps_fn(model, params), schedule, rng, labels, sampler=sampler,
-                            num_steps=steps, guidance=guidance, null_label=model.num_classes)
+    return diffusion.sample(_model_fn(model, params), schedule, rng, labels, sampler=sampler,
+                            num_steps=steps, guidance=guidance, null_label=model.num_classes,
+                            prediction=prediction)
 
   return jax.jit(sample_batch, in_shardings=(replicated, replicated, sharded),
                  out_shardings=sharded, compiler_options=compiler.options())
@@ -68,34 +83,37 @@ def make_sampler(model, schedule, mesh, batch_size: int, *, sampler: str, steps:
 
 def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
              guidance: float = 0.0, seed: int = 0, batch_size: int = 256, mesh=None,
-             progress: bool = True, trained=None) -> np.ndarray:
+             progress: bool = True, trained=None, sample_from: str = "ema") -> np.ndarray:
   """uint8 (N, 32, 32, 3) samples of the workdir's latest checkpoint, one per label.
 
   Batches of batch_size (rounded up to a multiple of the device count; the last
   one padded) go through one compiled sampler; batch i uses the key
   fold_in(PRNGKey(seed), i), so the same (seed, batch_size) gives the same
   images. sampler 'ddpm' runs all T steps (steps must be None or T); 'ddim'
-  runs `steps` deterministic (eta 0) steps. trained: `load_trained`'s result,
+  and 'dpm++2m' run `steps` deterministic (eta 0) steps. sample_from: 'ema'
+  (the EMA weights) or 'raw' (SAMPLE_FROM). trained: `load_trained`'s result,
   to skip loading it again.
   """
   mesh = mesh or mesh_lib.make_mesh()
   if trained is None:
     check_labels(labels, len(saved_class_names(workdir)))
+  check_sample_from(sample_from)  # before a model load that takes seconds
   model, state, config, class_names = trained or load_trained(workdir, mesh)
   labels = check_labels(labels, len(class_names))
+  params = SAMPLE_FROM[sample_from](state)
   _check_guidance(guidance, config)
   if sampler == "ddpm" and steps == config.num_timesteps:
     steps = None
   batch_size = -(-min(batch_size, max(len(labels), 1)) // mesh.size) * mesh.size
   sample_batch = make_sampler(model, make_schedule(config), mesh, batch_size, sampler=sampler,
-                              steps=steps, guidance=guidance)
+                              steps=steps, guidance=guidance, prediction=config.prediction)
   key, out = jax.random.PRNGKey(seed), []
   starts = range(0, len(labels), batch_size)
   for i, start in enumerate(tqdm(starts, desc=f"sample ({sampler})", unit="batch",
                                  disable=not progress or jax.process_index() != 0)):
     chunk = labels[start:start + batch_size]
     padded = np.concatenate([chunk, np.zeros(batch_size - len(chunk), np.int32)])
-    images = sample_batch(state.ema_params, jax.random.fold_in(key, i), padded)
+    images = sample_batch(params, jax.random.fold_in(key, i), padded)
     out.append(to_uint8(jax.device_get(images))[:len(chunk)])
   return np.concatenate(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
 
@@ -132,11 +150,12 @@ def interpolate(workdir, image_a, label_a: int, image_b, label_b: int, frames: i
 
   @functools.partial(jax.jit, compiler_options=compiler.options())
   def run(params, x0, ends, alphas, labels):
-    eps_fn = _eps_fn(model, params)
-    z = diffusion.ddim_invert(eps_fn, schedule, x0, ends, num_steps=steps)
+    model_fn = _model_fn(model, params)
+    z = diffusion.ddim_invert(model_fn, schedule, x0, ends, num_steps=steps,
+                              prediction=config.prediction)
     x_T = jax.vmap(diffusion.slerp, in_axes=(None, None, 0))(z[0], z[1], alphas)
-    return diffusion.sample(eps_fn, schedule, jax.random.PRNGKey(0), labels, sampler="ddim",
-                            num_steps=steps, x_T=x_T)
+    return diffusion.sample(model_fn, schedule, jax.random.PRNGKey(0), labels, sampler="ddim",
+                            num_steps=steps, x_T=x_T, prediction=config.prediction)
 
   x0 = to_model_range(jnp.asarray(np.stack([image_a, image_b])))
   note(f"compiling and running the interpolation: {steps} DDIM steps to invert the two "
@@ -161,20 +180,27 @@ def default_labels(num: int, num_classes: int) -> np.ndarray:
 
 def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: str = "ddpm",
                  steps: int | None = None, guidance: float = 0.0, seed: int = 0,
-                 batch_size: int = 256, mesh=None, progress: bool = True) -> dict:
+                 batch_size: int = 256, mesh=None, progress: bool = True,
+                 sample_from: str = "ema") -> dict:
   """FID of `num` samples (labels cycling through the classes) against the statistics of
   the images the generator trained on (`fid.training_reference_stats`: the train split
   without its held-out slice, cached), or against `reference` where given (a stats .npz
   used as it is, or any FID source, cached).
 
+  The reference is the train split even for a run trained on train+test
+  (DiffusionConfig.train_on): the usual CIFAR FID reference, comparable across runs.
+  sample_from: as `generate`'s.
+
   Says which reference it uses before computing anything. Merges {fid, fid_num,
-  fid_sampler, fid_steps, fid_reference, fid_step} into the workdir's summary.json
-  (prefixed: `steps` there counts training steps) and returns them.
+  fid_sampler, fid_steps, fid_weights_from, fid_reference, fid_step} into the
+  workdir's summary.json (prefixed: `steps` there counts training steps) and
+  returns them.
   """
   from cifarjax import fid, runlog
   workdir = pathlib.Path(workdir)
   if num < 2:
     raise UserError(f"FID needs at least 2 samples, got {num}")
+  check_sample_from(sample_from)
   mesh = mesh or mesh_lib.make_mesh()
   note(f"loading the generator in {workdir}")
   trained = load_trained(workdir, mesh)
@@ -188,10 +214,11 @@ def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: st
     ref = fid.reference_stats(reference, "train", weights, mesh=mesh, progress=progress)
   note(f"sampling {num:,} images ({sampler}); then their FID features")
   images = generate(workdir, default_labels(num, len(class_names)), sampler, steps, guidance,
-                    seed, batch_size, mesh, progress, trained=trained)
+                    seed, batch_size, mesh, progress, trained=trained, sample_from=sample_from)
   value = fid.compute_fid(images, ref, weights, mesh=mesh, progress=progress)
   result = {"fid": float(value), "fid_num": num, "fid_sampler": sampler,
             "fid_steps": config.num_timesteps if steps is None else steps,
+            "fid_weights_from": sample_from,
             "fid_reference": source, "fid_step": int(jax.device_get(state.step))}
   path = workdir / "summary.json"
   if jax.process_index() == 0:

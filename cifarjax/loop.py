@@ -4,6 +4,12 @@ The model-specific parts come in as functions: `draw(state) -> (batch, rng)`
 and `train_step(state, batch, rng) -> (state, metrics)`, both already jitted,
 and `evaluate(state) -> dict`. The loop never blocks on the device except at
 log, eval and checkpoint boundaries.
+
+Each call runs k = `steps_per_call` steps in one jitted function (draw and step
+under `lax.scan`, the state donated, the k steps' metrics stacked on the
+device): for small models on an accelerator, per-call overhead otherwise
+dominates. Stretches that would cross a log, eval or checkpoint step run one
+step per call, so every boundary lands where it does with k = 1.
 """
 
 import dataclasses
@@ -15,7 +21,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from cifarjax import checkpoint, runlog
+from cifarjax import checkpoint, compiler, runlog
 from cifarjax.errors import Interrupted, note
 
 
@@ -27,6 +33,7 @@ class LoopSettings:
   eval_every: int
   checkpoint_every: int
   keep_checkpoints: int
+  steps_per_call: int = 1
 
 
 def epoch_batch_indices(key, step, num_examples: int, batch_size: int):
@@ -37,6 +44,39 @@ def epoch_batch_indices(key, step, num_examples: int, batch_size: int):
   epoch, position = step // steps_per_epoch, step % steps_per_epoch
   perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
   return jax.lax.dynamic_slice(perm, (position * batch_size,), (batch_size,))
+
+
+def fuse_steps(draw, train_step, num_steps: int, state):
+  """One jitted call of `num_steps` (draw, train_step) pairs: state -> (state, metrics stacked
+  along a leading axis of num_steps).
+
+  `draw` and `train_step` are the loop's jitted functions; their Python bodies
+  (`__wrapped__`, which `jax.jit` keeps) are inlined, and the shardings they give
+  the state and the batch are pinned, read off `state` and one drawn batch.
+  """
+  try:
+    draw_body, step_body = draw.__wrapped__, train_step.__wrapped__
+  except AttributeError as e:
+    raise ValueError("steps_per_call > 1 needs draw and train_step made by jax.jit") from e
+  state_shardings = jax.tree.map(lambda a: a.sharding, state)
+  batch_shardings = jax.tree.map(lambda a: a.sharding, draw(state)[0])
+
+  def multi_step(state):
+    def body(state, _):
+      batch, rng = draw_body(state)
+      batch = jax.lax.with_sharding_constraint(batch, batch_shardings)
+      return step_body(state, batch, rng)
+    return jax.lax.scan(body, state, length=num_steps)
+
+  return jax.jit(multi_step, in_shardings=(state_shardings,),
+                 out_shardings=(state_shardings, None), donate_argnums=0,
+                 compiler_options=compiler.options())
+
+
+def _unstack(first_step: int, stacked: dict) -> list:
+  """(step, metrics) per step of a fused call's stacked metrics, still on the device."""
+  n = len(next(iter(stacked.values())))
+  return [(first_step + i, {k: v[i] for k, v in stacked.items()}) for i in range(n)]
 
 
 def _flush(pending, log, lr_fn, images_per_step, t_last, bar, last_good_step):
@@ -57,6 +97,15 @@ def _flush(pending, log, lr_fn, images_per_step, t_last, bar, last_good_step):
   log.write(record)
   bar.set_postfix({k: f"{v:.4g}" for k, v in mean.items()})
   return record, now
+
+
+def _crosses_boundary(step: int, k: int, s: LoopSettings) -> bool:
+  """Whether steps step+1 .. step+k-1 hold a log, eval or checkpoint step, or run past the end:
+  the k-step call may end on a boundary, not pass one."""
+  if step + k > s.steps:
+    return True
+  return any(done % every == 0 for done in range(step + 1, step + k)
+             for every in (s.log_every, s.eval_every, s.checkpoint_every))
 
 
 class _StopOnCtrlC:
@@ -118,7 +167,11 @@ def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSett
   stop = _StopOnCtrlC()
   try:
     stop.__enter__()
-    for step in range(start, s.steps):
+    # Single steps go through the same scanned body as k-step calls: the two compile
+    # to the same arithmetic, so k = 1 and k = 8 train bitwise-identical weights.
+    calls = {k: fuse_steps(draw, train_step, k, state) for k in {1, s.steps_per_call}}
+    step = start
+    while step < s.steps:
       if stop.requested and step > start:
         if pending:
           _flush(pending, log, lr_fn, s.batch_size, t_last, bar, last_good)
@@ -126,11 +179,12 @@ def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSett
         if last_good != step:
           checkpoint.save(mngr, step, state)
         raise Interrupted(step, s.steps)
-      batch, rng = draw(state)
-      state, metrics = train_step(state, batch, rng)
-      pending.append((step, metrics))
-      bar.update(1)
-      done = step + 1
+      k = s.steps_per_call if not _crosses_boundary(step, s.steps_per_call, s) else 1
+      state, stacked = calls[k](state)
+      pending.extend(_unstack(step, stacked))
+      step += k
+      bar.update(step - bar.n)
+      done = step
       boundary = {
           "log": done % s.log_every == 0 or done == s.steps,
           "eval": done % s.eval_every == 0 or done == s.steps,

@@ -84,16 +84,18 @@ def make_draw(images, labels, config: ClassifierConfig, mesh):
   if num_examples < batch_size:
     raise ValueError(f"batch size {batch_size} exceeds the {num_examples} training examples")
 
-  def draw(base_rng, step):
+  def draw_at(base_rng, step):
     order_key, step_key = jax.random.fold_in(base_rng, 0), jax.random.fold_in(base_rng, step + 1)
     aug_key, dropout_key = jax.random.split(step_key)
     idx = loop.epoch_batch_indices(order_key, step, num_examples, batch_size)
     x = augment.augment(aug_key, augment.to_float(images[idx]), aug)
     return (augment.normalize(x), labels[idx]), dropout_key
 
+  def draw(state):
+    return draw_at(state.rng, state.step)
+
   sharded, replicated = mesh_lib.batch_sharded(mesh), mesh_lib.replicated(mesh)
-  draw = jax.jit(draw, out_shardings=((sharded, sharded), replicated))
-  return lambda state: draw(state.rng, state.step)
+  return jax.jit(draw, out_shardings=((sharded, sharded), replicated))
 
 
 def put_split(data: Split, mesh, pad_to: int = 1):
@@ -192,7 +194,7 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
 
   settings = loop.LoopSettings(config.steps, config.batch_size, config.log_every,
                                config.eval_every, config.checkpoint_every,
-                               config.keep_checkpoints)
+                               config.keep_checkpoints, config.steps_per_call)
   state, final_eval, seconds = loop.run(
       workdir, state, draw=make_draw(train_images, train_labels, config, mesh),
       train_step=make_train_step(model, tx, mesh), evaluate=evaluate, lr_fn=lr_fn,

@@ -4,7 +4,8 @@ The same pattern as the classifier's: `train_step(state, batch, rng)` is
 compiled once over the 1-D data mesh, the state replicated and donated, the
 batch split over devices; `draw` picks and flips the batch on the device.
 A step noises each image to a uniformly drawn timestep, regresses the noise
-(DDPM's simplified loss), applies Adam, and moves the EMA weights.
+(DDPM's simplified loss; or v, or min-SNR weighted, as DiffusionConfig says),
+applies Adam, and moves the EMA weights.
 """
 
 import functools
@@ -20,7 +21,7 @@ import optax
 from cifarjax import (augment, compiler, config as config_lib, diffusion, loop, mesh as mesh_lib,
                       runlog)
 from cifarjax.config import DiffusionConfig
-from cifarjax.data import load_split
+from cifarjax.data import Split, load_split, with_class_order
 from cifarjax.models import count_params
 from cifarjax.models.unet import UNet, paper_unet
 
@@ -51,10 +52,8 @@ def make_unet(config: DiffusionConfig, num_classes: int) -> UNet:
 
 
 def make_schedule(config: DiffusionConfig) -> diffusion.Schedule:
-  schedules = {"sigmoid": diffusion.sigmoid_schedule, "linear": diffusion.linear_schedule}
-  if config.schedule not in schedules:
-    raise ValueError(f"unknown schedule {config.schedule!r}; choose from {', '.join(schedules)}")
-  return schedules[config.schedule](config.num_timesteps)
+  """The config's noise schedule (a name in `diffusion.SCHEDULES`)."""
+  return diffusion.make_schedule(config.schedule, config.num_timesteps)
 
 
 def make_optimizer(config: DiffusionConfig, steps_per_epoch: int):
@@ -73,13 +72,15 @@ def init_state(model: UNet, tx, seed: int, image_shape=(32, 32, 3)) -> Diffusion
                         rng=rng)
 
 
-def noised_loss(model: UNet, schedule, params, images, labels, rng):
-  """DDPM's loss on a batch: noise each image to a uniform random t, regress the noise."""
-  t_key, noise_key = jax.random.split(rng)
-  t = jax.random.randint(t_key, (images.shape[0],), 0, schedule.num_timesteps)
-  noise = jax.random.normal(noise_key, images.shape, jnp.float32)
-  x_t = diffusion.q_sample(schedule, images, t, noise)
-  return diffusion.diffusion_loss(model.apply({"params": params}, x_t, t, labels), noise)
+def make_loss(model: UNet, schedule, config: DiffusionConfig):
+  """loss(params, images, labels, rng): `diffusion.training_loss` with the config's
+  prediction and loss weighting (by default the paper's: eps, unweighted)."""
+  def loss(params, images, labels, rng):
+    return diffusion.training_loss(
+        lambda x, t, y: model.apply({"params": params}, x, t, y), schedule, images, labels, rng,
+        prediction=config.prediction, loss_weighting=config.loss_weighting,
+        min_snr_gamma=config.min_snr_gamma)
+  return loss
 
 
 def ema_update(ema, params, decay: float):
@@ -89,14 +90,14 @@ def ema_update(ema, params, decay: float):
 def make_train_step(model: UNet, schedule, tx, mesh, config: DiffusionConfig):
   replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
   null_label = model.num_classes
+  loss_fn = make_loss(model, schedule, config)
 
   def train_step(state: DiffusionState, batch, rng):
     images, labels = batch
     drop_key, loss_key = jax.random.split(rng)
     if config.label_dropout:
       labels = diffusion.drop_labels(drop_key, labels, null_label, config.label_dropout)
-    loss, grads = jax.value_and_grad(
-        lambda p: noised_loss(model, schedule, p, images, labels, loss_key))(state.params)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, images, labels, loss_key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
@@ -126,7 +127,7 @@ def make_draw(images, labels, config: DiffusionConfig, mesh):
     raise ValueError(f"batch size {batch_size} exceeds the {num_examples} training examples")
   aug = augment.AugmentConfig(hflip_prob=config.hflip_prob)
 
-  def draw(base_rng, step):
+  def draw_at(base_rng, step):
     order_key, step_key = jax.random.fold_in(base_rng, 0), jax.random.fold_in(base_rng, step + 1)
     aug_key, step_rng = jax.random.split(step_key)
     idx = loop.epoch_batch_indices(order_key, step, num_examples, batch_size)
@@ -134,32 +135,49 @@ def make_draw(images, labels, config: DiffusionConfig, mesh):
     return (x * 2.0 - 1.0, labels[idx]), step_rng
 
   sharded, replicated = mesh_lib.batch_sharded(mesh), mesh_lib.replicated(mesh)
-  draw = jax.jit(draw, out_shardings=((sharded, sharded), replicated))
-  return lambda state: draw(state.rng, state.step)
+  def draw(state):
+    return draw_at(state.rng, state.step)
+
+  return jax.jit(draw, out_shardings=((sharded, sharded), replicated))
 
 
 def make_evaluate(model: UNet, schedule, images, labels, config: DiffusionConfig, mesh):
-  """evaluate(state) -> {eval_loss, ema_loss}: the loss of the raw and the EMA weights on
-  a fixed batch of training images at fixed timesteps and noise, so the numbers of
-  different steps compare without sampling noise (sampling quality needs FID)."""
+  """evaluate(state) -> {eval_loss, ema_loss}: the training loss (`make_loss`) of the raw
+  and the EMA weights on a fixed batch of training images at fixed timesteps and noise, so
+  the numbers of different steps compare without sampling noise (sampling quality needs
+  FID)."""
   n = min(config.eval_batch_size, len(images))
   n -= n % mesh.size
   mesh_lib.check_batch_size(max(n, 1), mesh)
   idx = np.sort(np.random.default_rng(0).permutation(len(images))[:n])
   batch = jax.device_put((np.asarray(to_model_range(images[idx])), np.asarray(labels[idx])),
                          mesh_lib.batch_sharded(mesh))
-  key = jax.random.PRNGKey(1)
+  key, loss_fn = jax.random.PRNGKey(1), make_loss(model, schedule, config)
 
   @functools.partial(jax.jit, compiler_options=compiler.options())
   def losses(params, ema_params, x, y):
-    return (noised_loss(model, schedule, params, x, y, key),
-            noised_loss(model, schedule, ema_params, x, y, key))
+    return loss_fn(params, x, y, key), loss_fn(ema_params, x, y, key)
 
   def evaluate(state):
     loss, ema_loss = jax.device_get(losses(state.params, state.ema_params, *batch))
     return {"eval_loss": float(loss), "ema_loss": float(ema_loss)}
 
   return evaluate
+
+
+def load_training_data(config: DiffusionConfig) -> Split:
+  """The images the generator trains on: the splits `config.train_on` names
+  (config.TRAINING_SPLITS), concatenated in that order. "test" is the source's test
+  split, or its held-out slice of train where it has none, so "train+test" is all of
+  the data either way (the paper's final model trained on the entire dataset)."""
+  names = config_lib.TRAINING_SPLITS[config.train_on]
+  splits = [load_split(config.data, name, holdout=config.holdout) for name in names]
+  if len(splits) == 1:
+    return splits[0]
+  class_names = splits[0].class_names
+  splits = [with_class_order(s, class_names) for s in splits]
+  return Split(images=np.concatenate([s.images for s in splits]),
+               labels=np.concatenate([s.labels for s in splits]), class_names=class_names)
 
 
 def put_split(data, mesh):
@@ -180,8 +198,8 @@ def train(config: DiffusionConfig, workdir, mesh=None) -> dict:
   config_lib.check_resumable(workdir, config)
   mesh = mesh or mesh_lib.make_mesh()
   config_lib.check_divisible("--batch-size", config.batch_size, mesh.size)
-  note(f"loading {config.data} (train split)")
-  train_data = load_split(config.data, "train", holdout=config.holdout)
+  note(f"loading {config.data} ({' + '.join(config_lib.TRAINING_SPLITS[config.train_on])})")
+  train_data = load_training_data(config)
   check_training_data(train_data, config.data, config.batch_size, min_classes=1)
   note(f"{len(train_data):,} training images of {train_data.num_classes} classes; "
        f"initialising the model (seconds to a minute)")
@@ -197,7 +215,7 @@ def train(config: DiffusionConfig, workdir, mesh=None) -> dict:
   images, labels = put_split(train_data, mesh)
   settings = loop.LoopSettings(config.steps, config.batch_size, config.log_every,
                                config.eval_every, config.checkpoint_every,
-                               config.keep_checkpoints)
+                               config.keep_checkpoints, config.steps_per_call)
   state, final_eval, seconds = loop.run(
       workdir, state, draw=make_draw(images, labels, config, mesh),
       train_step=make_train_step(model, schedule, tx, mesh, config),

@@ -1,4 +1,4 @@
-"""Counting how often jax traces the train step that `loop.run` drives (a trace counter in
+"""Counting how often jax traces the fused train steps that `loop.run` drives (a trace counter in
 the spirit of chex.assert_max_traces, for jitted functions built inside the trainers)."""
 
 import collections
@@ -12,9 +12,9 @@ TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"  # jax records one per ji
 
 @contextlib.contextmanager
 def loop_traces():
-  """Within the block, every `loop.run` call's train step is counted: yields a dict that
-  ends up with {"name": the jitted step's name, "calls": steps run, "traces": its traces,
-  "all": traces of every jitted function by name}."""
+  """Within the block, the fused train steps of every `loop.run` call are counted: yields a
+  dict that ends up with {"name": the fused step's name, "calls": steps run through it,
+  "traces": its traces, "all": traces of every jitted function by name}."""
   from cifarjax import loop
   traces = collections.Counter()
   seen = {"calls": 0}
@@ -24,20 +24,21 @@ def loop_traces():
     if event == TRACE_EVENT:
       traces[kwargs.get("fun_name")] += 1
 
-  real_run = loop.run
+  real_fuse = loop.fuse_steps
 
-  def run(*args, train_step, **kwargs):
-    seen["name"] = train_step.__name__
+  def fuse_steps(draw, train_step, num_steps, state):
+    fused = real_fuse(draw, train_step, num_steps, state)
+    seen["name"] = fused.__name__
 
-    def counted(*a):
-      seen["calls"] += 1
-      return train_step(*a)
-    return real_run(*args, train_step=counted, **kwargs)
+    def counted(state):
+      seen["calls"] += num_steps
+      return fused(state)
+    return counted
 
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     with pytest.MonkeyPatch.context() as mp:
-      mp.setattr(loop, "run", run)
+      mp.setattr(loop, "fuse_steps", fuse_steps)
       yield seen
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)

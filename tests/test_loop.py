@@ -27,7 +27,7 @@ def _run(workdir, poison_at=None, steps=6):
     return state.replace(step=state.step + 1, w=w), {"loss": loss}
 
   state = ToyState(step=jnp.zeros((), jnp.int32), w=jnp.zeros(3))
-  return loop.run(workdir, state, draw=lambda s: (jnp.ones(3), None), train_step=train_step,
+  return loop.run(workdir, state, draw=jax.jit(lambda s: (jnp.ones(3), None)), train_step=train_step,
                   evaluate=lambda s: {}, lr_fn=lambda step: 0.0,
                   settings=loop.LoopSettings(**{**SETTINGS.__dict__, "steps": steps}))
 

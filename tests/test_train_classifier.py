@@ -179,3 +179,18 @@ def test_train_step_compiles_once(run_dir):
   assert RUN_TRACES["calls"] == TINY.steps
   assert RUN_TRACES["traces"] == 1, RUN_TRACES
   assert RUN_TRACES["all"].get("draw") == 1, RUN_TRACES
+
+
+def test_eight_steps_per_call_train_the_same_bits_as_one(tmp_path):
+  """steps_per_call fuses k steps into one jitted call; the weights after 16 steps are
+  bitwise those of one step per call (log and eval at 8, so both k-stretches are fused,
+  and a resume from step 8 continues the fused run exactly)."""
+  config = dataclasses.replace(TINY, steps=16, log_every=8, eval_every=8, checkpoint_every=8)
+  params = {}
+  for k in (1, 8):
+    train(dataclasses.replace(config, steps=8, steps_per_call=k), tmp_path / f"k{k}")
+    train(dataclasses.replace(config, steps_per_call=k), tmp_path / f"k{k}")  # resumes at 8
+    params[k] = jax.device_get(load_trained(tmp_path / f"k{k}")[1].params)
+  chex.assert_trees_all_equal(params[1], params[8])
+  records = runlog.read_metrics(tmp_path / "k8")
+  assert [r["step"] for r in records if "loss" in r] == [8, 16]

@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifarjax import cli, config as config_lib, generate, image_grid, mesh as mesh_lib, runlog
+from cifarjax import cli, config as config_lib, diffusion, generate, image_grid, mesh as mesh_lib
+from cifarjax import runlog
 from cifarjax import train_diffusion as td
-from cifarjax.config import ClassifierConfig, DiffusionConfig
+from cifarjax.commands import diffusion as diffusion_commands
+from cifarjax.config import DIFFUSION_PRESETS, ClassifierConfig, DiffusionConfig
 from cifarjax.data.synthetic import load_synthetic
+from cifarjax.errors import UserError
 
 from _traces import loop_traces
 
@@ -68,9 +71,11 @@ def test_resume_with_another_config_is_refused(run_dir):
     td.train(dataclasses.replace(TINY, ema_decay=0.9), workdir)
 
 
-def test_loss_falls_when_overfitting_a_small_batch():
+@pytest.mark.parametrize("objective", [{}, dict(prediction="v", loss_weighting="min-snr")],
+                         ids=["eps", "v-min-snr"])
+def test_loss_falls_when_overfitting_a_small_batch(objective):
   mesh = mesh_lib.make_mesh()
-  config = dataclasses.replace(TINY, learning_rate=0.01)
+  config = dataclasses.replace(TINY, learning_rate=0.01, **objective)
   model, schedule = td.make_unet(config, 10), td.make_schedule(config)
   tx, _ = td.make_optimizer(config, steps_per_epoch=1000)
   state = jax.device_put(td.init_state(model, tx, seed=0), mesh_lib.replicated(mesh))
@@ -81,9 +86,99 @@ def test_loss_falls_when_overfitting_a_small_batch():
   for _ in range(40):  # the same timesteps and noise each step: a fixed regression
     state, metrics = step(state, batch, jax.random.PRNGKey(0))
     losses.append(float(metrics["loss"]))
-  # Seen: 1.16 -> 0.81 (0.70x); the 4,571-weight tiny U-Net cannot memorise noise
-  # outright, but the fall is steady.
+  # Seen: eps 1.15 -> 0.70 (0.61x), v with min-SNR weights 0.30 -> 0.19 (0.64x); the
+  # 4,571-weight tiny U-Net cannot memorise noise outright, but the fall is steady.
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_the_loss_follows_the_configs_objective():
+  """make_loss is diffusion.training_loss with the config's prediction and weighting: the v,
+  min-SNR loss of some weights is not the eps one, and it is what training_loss gives."""
+  config = dataclasses.replace(TINY, prediction="v", loss_weighting="min-snr", min_snr_gamma=2.0)
+  model, schedule = td.make_unet(config, 10), td.make_schedule(config)
+  tx, _ = td.make_optimizer(config, steps_per_epoch=1)
+  params = td.init_state(model, tx, seed=0).params
+  data = load_synthetic("test").take(np.arange(4))
+  images, labels = td.to_model_range(jnp.asarray(data.images)), jnp.asarray(data.labels)
+  key = jax.random.PRNGKey(3)
+  model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
+  loss = td.make_loss(model, schedule, config)(params, images, labels, key)
+  paper_loss = td.make_loss(model, schedule, TINY)(params, images, labels, key)
+  assert loss == diffusion.training_loss(model_fn, schedule, images, labels, key, prediction="v",
+                                         loss_weighting="min-snr", min_snr_gamma=2.0)
+  assert paper_loss == diffusion.training_loss(model_fn, schedule, images, labels, key)
+  assert not np.isclose(loss, paper_loss)
+
+
+def test_presets():
+  """paper is the defaults (eps, unweighted, train split); improved changes the objective and
+  label dropout only; the schedule comparison is unchanged."""
+  paper = DIFFUSION_PRESETS["paper"]
+  assert paper == DiffusionConfig()
+  assert (paper.prediction, paper.loss_weighting, paper.train_on, paper.schedule) == (
+      "eps", "none", "train", "sigmoid")
+  assert DIFFUSION_PRESETS["linear-schedule"] == dataclasses.replace(paper, schedule="linear",
+                                                                     batch_size=128)
+  assert DIFFUSION_PRESETS["improved"] == dataclasses.replace(
+      paper, prediction="v", loss_weighting="min-snr", min_snr_gamma=5.0, label_dropout=0.1)
+  for config in DIFFUSION_PRESETS.values():
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("prediction", "x0", "config field prediction must be one of eps, v, got 'x0'"),
+    ("loss_weighting", "snr", "config field loss_weighting must be one of none, min-snr"),
+    ("min_snr_gamma", 0.0, "config field min_snr_gamma must lie in \\(0, inf\\), got 0.0"),
+    ("train_on", "test", "--train-on must be one of train, train\\+test, got 'test'"),
+    ("schedule", "cosine", "config field schedule must be one of sigmoid, linear, sigmoid-blog"),
+])
+def test_new_fields_are_validated(field, value, message):
+  with pytest.raises(UserError, match=message):
+    config_lib.validate(dataclasses.replace(TINY, **{field: value}))
+  config_lib.validate(dataclasses.replace(TINY, schedule="sigmoid-blog"))
+
+
+def test_cli_choices_are_the_registries():
+  assert diffusion_commands.SAMPLERS == tuple(diffusion.SAMPLERS)
+  assert diffusion_commands.WEIGHTS_FROM == tuple(generate.SAMPLE_FROM)
+  assert diffusion_commands.TRAIN_ON == tuple(config_lib.TRAINING_SPLITS)
+
+
+def test_train_cli_passes_the_preset_and_train_on(tmp_path, monkeypatch):
+  seen = []
+  monkeypatch.setattr(td, "train", lambda config, workdir: seen.append(config) or {})
+  assert cli.main(["train-diffusion", "--preset", "improved", "--train-on", "train+test",
+                   "--workdir", str(tmp_path / "run")]) == 0
+  assert seen == [dataclasses.replace(DIFFUSION_PRESETS["improved"], train_on="train+test")]
+
+
+def test_train_plus_test_is_every_image_of_a_source_with_a_test_split():
+  train, test = load_synthetic("train"), load_synthetic("test")
+  data = td.load_training_data(dataclasses.replace(TINY, train_on="train+test"))
+  assert len(data) == len(train) + len(test) == 3072
+  np.testing.assert_array_equal(data.images, np.concatenate([train.images, test.images]))
+  np.testing.assert_array_equal(data.labels, np.concatenate([train.labels, test.labels]))
+  assert data.class_names == train.class_names
+  only_train = td.load_training_data(TINY)
+  np.testing.assert_array_equal(only_train.images, train.images)
+
+
+def test_train_plus_test_adds_the_held_out_slice_of_a_source_without_one(tmp_path):
+  """An image folder with a train split only: "train" leaves its held-out slice out (the
+  stand-in test split), "train+test" takes it back, so every image is trained on once."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+  for i, image in enumerate(images):
+    folder = tmp_path / "train" / f"class_{i % 3}"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(folder / f"{i}.png")
+  config = dataclasses.replace(TINY, data=str(tmp_path), holdout=4)
+  train = td.load_training_data(config)
+  everything = td.load_training_data(dataclasses.replace(config, train_on="train+test"))
+  assert len(train) == 8 and len(everything) == 12
+  key = lambda split: sorted(image.tobytes() for image in split.images)
+  assert key(everything) == sorted(image.tobytes() for image in images)
+  assert set(key(train)) < set(key(everything))
 
 
 def test_generate_shapes_dtype_and_determinism(run_dir):
@@ -216,6 +311,49 @@ def test_generate_samples_from_the_ema_weights(run_dir):
   images = sample(state)
   np.testing.assert_array_equal(sample(state.replace(params=state.ema_params)), images)
   assert not np.array_equal(sample(state.replace(ema_params=state.params)), images)
+  # sample_from="raw" is sampling the raw weights where the EMA ones would be.
+  raw = generate.generate(workdir, [0, 5], **SAMPLER, seed=0, batch_size=2, progress=False,
+                          trained=(model, state, config, class_names), sample_from="raw")
+  np.testing.assert_array_equal(raw, sample(state.replace(ema_params=state.params)))
+  with pytest.raises(UserError, match="sample_from must be one of ema, raw, got 'best'"):
+    generate.generate(workdir, [0], sample_from="best")
+
+
+def test_generate_reads_the_output_as_the_runs_prediction(run_dir):
+  """generate hands the run's DiffusionConfig.prediction to the sampler: the same weights
+  read as v draw other images than read as eps (the run's own), and those of
+  diffusion.sample with prediction='v'."""
+  workdir, _ = run_dir
+  model, state, config, class_names = td.load_trained(workdir)
+  as_v = generate.generate(workdir, [0, 5], **SAMPLER, seed=0, batch_size=2, progress=False,
+                           trained=(model, state, dataclasses.replace(config, prediction="v"),
+                                    class_names))
+  as_eps = generate.generate(workdir, [0, 5], **SAMPLER, seed=0, batch_size=2, progress=False,
+                             trained=(model, state, config, class_names))
+  assert not np.array_equal(as_v, as_eps)
+  direct = diffusion.sample(lambda x, t, y: model.apply({"params": state.ema_params}, x, t, y),
+                            td.make_schedule(config), jax.random.fold_in(jax.random.PRNGKey(0), 0),
+                            jnp.array([0, 5], jnp.int32), sampler="ddim", num_steps=4,
+                            null_label=model.num_classes, prediction="v")
+  # Eager here, jitted there: float rounding moves a pixel across a uint8 level now and then.
+  np.testing.assert_allclose(as_v, td.to_uint8(direct), rtol=0, atol=1)
+  assert np.abs(as_v.astype(int) - as_eps).mean() > 10
+
+
+def test_sample_cli_weights_from_raw_with_dpmpp_2m(run_dir, tmp_path):
+  """--weights-from raw and --sampler dpm++2m reach `generate`: the CLI's images are its."""
+  workdir, _ = run_dir
+  out = tmp_path / "raw.npz"
+  assert cli.main(["sample", "--workdir", str(workdir), "--num", "3", "--labels", "1,4,6",
+                   "--sampler", "dpm++2m", "--steps", "4", "--batch-size", "4",
+                   "--weights-from", "raw", "--out", str(out)]) == 0
+  expected = generate.generate(workdir, [1, 4, 6], sampler="dpm++2m", steps=4, seed=0,
+                               batch_size=4, progress=False, sample_from="raw")
+  with np.load(out) as npz:
+    np.testing.assert_array_equal(npz["images"], expected)
+  ema = generate.generate(workdir, [1, 4, 6], sampler="dpm++2m", steps=4, seed=0, batch_size=4,
+                          progress=False)
+  assert not np.array_equal(ema, expected)
 
 
 def test_train_step_compiles_once(run_dir):

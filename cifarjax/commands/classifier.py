@@ -3,7 +3,7 @@
 import dataclasses
 import json
 
-from cifarjax.commands import fresh_start_guard, positive
+from cifarjax.commands import distributed_flag, fresh_start_guard, positive
 
 DATA_HELP = ("cifar100, cifar10, synthetic, a cifar-100-python folder or .tar.gz, or an image "
              "folder or .zip laid out <split>/<class>/<image> (32x32)")
@@ -28,9 +28,12 @@ def register(subparsers):
   p.add_argument("--checkpoint-every", type=int,
                  help=f"default: {PAPER['checkpoint_every']}")
   p.add_argument("--log-every", type=int, help=f"default: {PAPER['log_every']}")
+  p.add_argument("--steps-per-call", type=int, help="train steps fused into one jitted call "
+                 "(must divide the log, eval and checkpoint intervals; e.g. 50 on a GPU; default: 1)")
   p.add_argument("--workdir", default="runs/classifier",
                  help="where the run keeps its config, metrics, plots and checkpoints")
   p.add_argument("--seed", type=int, help=f"default: {PAPER['seed']}")
+  distributed_flag(p)
   p.set_defaults(func=train)
 
   p = subparsers.add_parser("eval-classifier", help="accuracy of a trained classifier")
@@ -47,10 +50,11 @@ def train(args):
   from cifarjax import mesh as mesh_lib
   from cifarjax.config import CLASSIFIER_PRESETS, preset, validate
   from cifarjax.train_classifier import train as train_classifier
-  mesh_lib.initialize_distributed()
+  mesh_lib.initialize_distributed(args.distributed)
   config = preset(CLASSIFIER_PRESETS, args.preset)
   overrides = {k: getattr(args, k) for k in ("data", "holdout", "steps", "batch_size", "eval_every",
-                                             "checkpoint_every", "log_every", "seed")
+                                             "checkpoint_every", "log_every", "seed",
+                                             "steps_per_call")
                if getattr(args, k) is not None}
   config = validate(dataclasses.replace(config, **overrides))
   with fresh_start_guard(args.workdir):

@@ -7,13 +7,18 @@ timesteps) before the generator is loaded, so a mistake costs no model load.
 import dataclasses
 import json
 
-from cifarjax.commands import fresh_start_guard, positive
+from cifarjax.commands import distributed_flag, fresh_start_guard, positive
 from cifarjax.commands.classifier import DATA_HELP
 
 # The paper preset's values, shown by --help (tests/test_cli.py checks them against config.py).
 PAPER = {"data": "cifar100", "holdout": 5000, "steps": 50_000, "batch_size": 256,
          "label_dropout": 0.0, "unet": "paper", "eval_every": 1000, "checkpoint_every": 1000,
-         "log_every": 100, "seed": 0}
+         "log_every": 100, "seed": 0, "train_on": "train"}
+# Choices written out so that --help imports no jax; tests/test_train_diffusion.py checks
+# them against diffusion.SAMPLERS, generate.SAMPLE_FROM and config.TRAINING_SPLITS.
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+WEIGHTS_FROM = ("ema", "raw")
+TRAIN_ON = ("train", "train+test")
 
 
 def register(subparsers):
@@ -21,7 +26,8 @@ def register(subparsers):
                             description="Train the paper's generator, or resume the run in "
                             "--workdir (run the same command again to resume).")
   p.add_argument("--preset", default="paper",
-                 help="paper or linear-schedule (section 4's comparison, batch 128)")
+                 help="paper, linear-schedule (section 4's comparison, batch 128) or improved "
+                 "(beyond the paper: v-prediction, min-SNR loss weighting, label dropout 0.1)")
   p.add_argument("--data", help=f"{DATA_HELP} (default: {PAPER['data']})")
   p.add_argument("--holdout", type=int, help="held-out train examples where the source has no "
                  f"test split (default: {PAPER['holdout']})")
@@ -32,12 +38,18 @@ def register(subparsers):
                  help="train the null label for classifier-free guidance (beyond the paper; "
                  f"default: {PAPER['label_dropout']})")
   p.add_argument("--unet", help=f"U-Net size: paper or tiny (default: {PAPER['unet']})")
+  p.add_argument("--train-on", choices=TRAIN_ON,
+                 help="train+test adds the test split (or the held-out slice) to the training "
+                 "images, as the paper's final model (default: train)")
   p.add_argument("--eval-every", type=int, help=f"default: {PAPER['eval_every']}")
   p.add_argument("--checkpoint-every", type=int, help=f"default: {PAPER['checkpoint_every']}")
   p.add_argument("--log-every", type=int, help=f"default: {PAPER['log_every']}")
+  p.add_argument("--steps-per-call", type=int, help="train steps fused into one jitted call "
+                 "(must divide the log, eval and checkpoint intervals; e.g. 50 on a GPU; default: 1)")
   p.add_argument("--workdir", default="runs/diffusion",
                  help="where the run keeps its config, metrics, plots and checkpoints")
   p.add_argument("--seed", type=int, help=f"default: {PAPER['seed']}")
+  distributed_flag(p)
   p.set_defaults(func=train)
 
   p = subparsers.add_parser("sample", help="sample images from a trained generator")
@@ -46,6 +58,7 @@ def register(subparsers):
   p.add_argument("--labels", help="comma-separated class indices, cycled to --num "
                  "(default: every class in turn)")
   _sampler_args(p)
+  _weights_from_arg(p)
   p.add_argument("--guidance", type=float, default=0.0,
                  help="classifier-free guidance weight (needs a model trained with --label-dropout)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -77,21 +90,29 @@ def register(subparsers):
                  "or any FID source (its statistics cached). Default: the training images of "
                  "the run's data (without its held-out slice), their statistics cached")
   _sampler_args(p)
+  _weights_from_arg(p)
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--json", action="store_true", help="print one JSON line")
   p.set_defaults(func=evaluate)
 
 
 def _sampler_args(p):
-  p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm",
+  p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
                  help="ddpm: the paper's ancestral sampler, all T steps; "
-                      "ddim: deterministic, --steps of them (e.g. 50: ~20x faster)")
-  p.add_argument("--steps", type=int, help="sampler steps (ddim default: 50)")
+                      "ddim: deterministic, --steps of them (e.g. 50: ~20x faster); "
+                      "dpm++2m: DPM-Solver++(2M), deterministic and second order, --steps of them")
+  p.add_argument("--steps", type=int, help="sampler steps (ddim and dpm++2m default: 50)")
   p.add_argument("--batch-size", type=int, default=256, help="images per compiled batch")
 
 
+def _weights_from_arg(p):
+  p.add_argument("--weights-from", choices=WEIGHTS_FROM, default="ema",
+                 help="sample the exponential moving average of the weights (ema) or the "
+                 "last step's (raw)")
+
+
 def _steps(args):
-  return 50 if args.sampler == "ddim" and args.steps is None else args.steps
+  return 50 if args.sampler != "ddpm" and args.steps is None else args.steps
 
 
 def _load_config(workdir):
@@ -134,11 +155,12 @@ def train(args):
   from cifarjax import mesh as mesh_lib
   from cifarjax.config import DIFFUSION_PRESETS, preset, validate
   from cifarjax.train_diffusion import train as train_diffusion
-  mesh_lib.initialize_distributed()
+  mesh_lib.initialize_distributed(args.distributed)
   config = preset(DIFFUSION_PRESETS, args.preset)
   overrides = {k: getattr(args, k) for k in ("data", "holdout", "steps", "batch_size",
                                              "label_dropout", "unet", "eval_every",
-                                             "checkpoint_every", "log_every", "seed")
+                                             "checkpoint_every", "log_every", "seed", "train_on",
+                                             "steps_per_call")
                if getattr(args, k) is not None}
   config = validate(dataclasses.replace(config, **overrides))
   with fresh_start_guard(args.workdir):
@@ -168,7 +190,7 @@ def sample(args):
   mesh_lib.initialize_distributed()
   note(f"loading the generator in {args.workdir}")
   images = generate.generate(args.workdir, labels, args.sampler, _steps(args), args.guidance,
-                             args.seed, args.batch_size)
+                             args.seed, args.batch_size, sample_from=args.weights_from)
   generate.save_npz(out, images, labels)
   png = image_grid.write_grid(out.with_suffix(".png"), images, labels, class_names=class_names)
   print(f"wrote {out} ({len(images)} images) and {png}")
@@ -214,7 +236,7 @@ def evaluate(args):
   mesh_lib.initialize_distributed()
   result = evaluate_fid(args.workdir, args.num, weights=args.weights, reference=args.reference,
                         sampler=args.sampler, steps=_steps(args), seed=args.seed,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, sample_from=args.weights_from)
   if args.json:
     print(json.dumps(result))
   else:

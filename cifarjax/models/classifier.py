@@ -21,7 +21,6 @@ own magnitude) turns into full-size steps that differ between 1 and 8 devices.
 from typing import Callable, Mapping, Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from cifarjax.models.layers import BatchNorm, DepthwiseConv, max_pool_2x2, pointwise_conv, spatial_mean
 
