@@ -46,31 +46,54 @@ def epoch_batch_indices(key, step, num_examples: int, batch_size: int):
   return jax.lax.dynamic_slice(perm, (position * batch_size,), (batch_size,))
 
 
-def fuse_steps(draw, train_step, num_steps: int, state):
+def fuse_steps(draw, train_step, num_steps: int, state, rolled: bool = True):
   """One jitted call of `num_steps` (draw, train_step) pairs: state -> (state, metrics stacked
   along a leading axis of num_steps).
 
   `draw` and `train_step` are the loop's jitted functions; their Python bodies
   (`__wrapped__`, which `jax.jit` keeps) are inlined, and the shardings they give
   the state and the batch are pinned, read off `state` and one drawn batch.
+  rolled: the steps run as a `lax.scan` (one compiled body, whatever num_steps);
+  False (num_steps 1 only): the body alone, without a loop around it, which XLA:CPU
+  runs ~3.5x faster (docs/benchmarks.md); the two differ by float rounding.
   """
+  if not rolled and num_steps != 1:
+    raise ValueError(f"an unrolled call runs one step, not {num_steps}")
   try:
     draw_body, step_body = draw.__wrapped__, train_step.__wrapped__
   except AttributeError as e:
-    raise ValueError("steps_per_call > 1 needs draw and train_step made by jax.jit") from e
+    raise ValueError("fused steps need draw and train_step made by jax.jit") from e
   state_shardings = jax.tree.map(lambda a: a.sharding, state)
   batch_shardings = jax.tree.map(lambda a: a.sharding, draw(state)[0])
 
+  def body(state, _=None):
+    batch, rng = draw_body(state)
+    batch = jax.lax.with_sharding_constraint(batch, batch_shardings)
+    return step_body(state, batch, rng)
+
   def multi_step(state):
-    def body(state, _):
-      batch, rng = draw_body(state)
-      batch = jax.lax.with_sharding_constraint(batch, batch_shardings)
-      return step_body(state, batch, rng)
-    return jax.lax.scan(body, state, length=num_steps)
+    if rolled:
+      return jax.lax.scan(body, state, length=num_steps)
+    state, metrics = body(state)
+    return state, jax.tree.map(lambda m: m[None], metrics)
 
   return jax.jit(multi_step, in_shardings=(state_shardings,),
                  out_shardings=(state_shardings, None), donate_argnums=0,
                  compiler_options=compiler.options())
+
+
+def step_calls(draw, train_step, steps_per_call: int, state) -> dict:
+  """{k: the call that runs k steps} for the loop: k = steps_per_call, and 1 for the steps
+  near log, eval and checkpoint boundaries that a k-step call would pass.
+
+  With steps_per_call 1 a step is one unrolled call: XLA:CPU runs loops' bodies
+  several times slower than the same code outside a loop. With k > 1 the single
+  steps go through the same rolled body as the k-step calls, so every k > 1 trains
+  bitwise-identical weights, and a run may change k when it resumes.
+  """
+  if steps_per_call == 1:
+    return {1: fuse_steps(draw, train_step, 1, state, rolled=False)}
+  return {k: fuse_steps(draw, train_step, k, state) for k in (1, steps_per_call)}
 
 
 def _unstack(first_step: int, stacked: dict) -> list:
@@ -167,9 +190,7 @@ def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSett
   stop = _StopOnCtrlC()
   try:
     stop.__enter__()
-    # Single steps go through the same scanned body as k-step calls: the two compile
-    # to the same arithmetic, so k = 1 and k = 8 train bitwise-identical weights.
-    calls = {k: fuse_steps(draw, train_step, k, state) for k in {1, s.steps_per_call}}
+    calls = step_calls(draw, train_step, s.steps_per_call, state)
     step = start
     while step < s.steps:
       if stop.requested and step > start:

@@ -26,8 +26,8 @@ def loop_traces():
 
   real_fuse = loop.fuse_steps
 
-  def fuse_steps(draw, train_step, num_steps, state):
-    fused = real_fuse(draw, train_step, num_steps, state)
+  def fuse_steps(draw, train_step, num_steps, state, **kwargs):
+    fused = real_fuse(draw, train_step, num_steps, state, **kwargs)
     seen["name"] = fused.__name__
 
     def counted(state):

@@ -11,12 +11,12 @@ import optax
 import pytest
 from PIL import Image
 
-from cifarjax import cli, config as config_lib, mesh as mesh_lib, runlog
+from cifarjax import cli, config as config_lib, loop, mesh as mesh_lib, runlog
 from cifarjax.config import ClassifierConfig
 from cifarjax.data.synthetic import load_synthetic
 from cifarjax.models import paper_classifier
-from cifarjax.train_classifier import (evaluate_workdir, init_state, load_trained, make_optimizer,
-                                       make_train_step, train)
+from cifarjax.train_classifier import (evaluate_workdir, init_state, load_trained, make_draw,
+                                       make_optimizer, make_train_step, train)
 
 from _traces import loop_traces
 
@@ -181,16 +181,40 @@ def test_train_step_compiles_once(run_dir):
   assert RUN_TRACES["all"].get("draw") == 1, RUN_TRACES
 
 
-def test_eight_steps_per_call_train_the_same_bits_as_one(tmp_path):
-  """steps_per_call fuses k steps into one jitted call; the weights after 16 steps are
-  bitwise those of one step per call (log and eval at 8, so both k-stretches are fused,
-  and a resume from step 8 continues the fused run exactly)."""
-  config = dataclasses.replace(TINY, steps=16, log_every=8, eval_every=8, checkpoint_every=8)
+def test_fused_calls_of_any_length_train_the_same_bits(tmp_path):
+  """steps_per_call fuses k steps into one jitted call. 8 steps per call and 2 give
+  bitwise the same weights after 10 steps: log and eval at 8, a resume there, and
+  the last 2 steps, which an 8-step call would pass the end with, run one per call."""
+  config = dataclasses.replace(TINY, steps=10, log_every=8, eval_every=8, checkpoint_every=8)
   params = {}
-  for k in (1, 8):
+  for k in (2, 8):
     train(dataclasses.replace(config, steps=8, steps_per_call=k), tmp_path / f"k{k}")
     train(dataclasses.replace(config, steps_per_call=k), tmp_path / f"k{k}")  # resumes at 8
     params[k] = jax.device_get(load_trained(tmp_path / f"k{k}")[1].params)
-  chex.assert_trees_all_equal(params[1], params[8])
+  chex.assert_trees_all_equal(params[2], params[8])
   records = runlog.read_metrics(tmp_path / "k8")
-  assert [r["step"] for r in records if "loss" in r] == [8, 16]
+  assert [r["step"] for r in records if "loss" in r] == [8, 10]
+
+
+def test_unrolled_single_step_is_the_rolled_one_up_to_rounding(tmp_path):
+  """The default one-step call (no loop around the body, for XLA:CPU's speed) draws the
+  same batch and takes the same step as the rolled body of fused calls: the same step
+  counter and key, and the first step's loss (same weights, same batch) equal up to
+  float32 rounding: a relative 1e-4 is ~100x the rounding of this network's sums, and
+  far below what another batch would change. (Later steps drift further: Adam turns
+  the rounding of near-zero gradients into full-size updates.)"""
+  data = load_synthetic("train")
+  mesh = mesh_lib.make_mesh()
+  model = paper_classifier(10)
+  tx, _ = make_optimizer(TINY, 4)
+  images, labels = jax.device_put((data.images, data.labels.astype(np.int32)))
+  draw = make_draw(images, labels, dataclasses.replace(TINY, batch_size=64), mesh)
+  step = make_train_step(model, tx, mesh)
+  out = {}
+  for rolled in (True, False):
+    state = jax.device_put(init_state(model, tx, 0), mesh_lib.replicated(mesh))
+    state, metrics = loop.fuse_steps(draw, step, 1, state, rolled=rolled)(state)
+    out[rolled] = jax.device_get((state.step, state.rng, metrics["loss"][0]))
+  assert out[True][0] == out[False][0] == 1
+  np.testing.assert_array_equal(out[True][1], out[False][1])
+  np.testing.assert_allclose(out[True][2], out[False][2], rtol=1e-4)
