@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Per-channel statistics of the CIFAR-100 training set, in [0, 1].
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
@@ -119,3 +120,13 @@ def to_float(images_uint8):
 def normalize(images):
   """[0, 1] images to zero mean and unit variance per channel (the classifier's input)."""
   return (images - jnp.array(CIFAR_MEAN)) / jnp.array(CIFAR_STD)
+
+
+def to_model_range(images_uint8):
+  """uint8 images to float32 in [-1, 1], the range the generator's noise schedule assumes."""
+  return to_float(images_uint8) * 2.0 - 1.0
+
+
+def to_uint8(images):
+  """Model-range float images (any values) to uint8 (a NumPy array), clipped to [-1, 1] first."""
+  return np.asarray(jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5), np.uint8)

@@ -48,13 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
       dest="command", required=True, metavar="COMMAND",
       parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
   for name in COMMAND_MODULES:
-    try:
-      module = importlib.import_module(name)
-    except ModuleNotFoundError as e:
-      if e.name == name:  # group not written yet
-        continue
-      raise
-    module.register(subparsers)
+    importlib.import_module(name).register(subparsers)
   return parser
 
 

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import pathlib
 
-from cifarjax import diffusion
+from cifarjax import diffusion, models
 from cifarjax.augment import AugmentConfig
 from cifarjax.errors import UserError, UserFileNotFoundError
 
@@ -20,8 +20,10 @@ class ClassifierConfig:
   weight_decay is L2 regularisation added to the gradient before Adam, as
   PyTorch's `Adam(weight_decay=...)` (the paper's optimiser) does; not AdamW's
   decoupled decay. lr_decay multiplies the learning rate once per epoch
-  (PyTorch's ExponentialLR stepped each epoch).
+  (PyTorch's ExponentialLR stepped each epoch). model names the network in
+  `cifarjax.models.CLASSIFIERS` ("paper": `paper_classifier`).
   """
+  model: str = "paper"
   data: str = "cifar100"
   holdout: int = 5000  # held-out train images standing in for test where a source has none
   steps: int = 10_000
@@ -89,7 +91,7 @@ class DiffusionConfig:
   schedule names one in `diffusion.SCHEDULES`: "sigmoid" (Jabri et al., the
   paper's), "linear" (DDPM's) or "sigmoid-blog" (the sigmoid on the betas of
   the Annotated Diffusion blog the paper's code came from).
-  unet names a size in `train_diffusion.UNET_SIZES` ("paper": 996,859
+  unet names the network in `cifarjax.models.UNETS` ("paper": 996,859
   parameters for 100 classes; "tiny": for tests).
 
   DIFFUSION_PRESETS["improved"] is the paper's recipe with v-prediction,
@@ -218,8 +220,9 @@ def _check_fields(config, prefix=""):
     elif field.name == "train_on":
       _choice(name, v, TRAINING_SPLITS)
     elif field.name == "unet":
-      if not isinstance(v, str) or not v:
-        raise UserError(f"{name} must name a U-Net size, got {v!r}")
+      _choice(name, v, models.UNETS)
+    elif field.name == "model":
+      _choice(name, v, models.CLASSIFIERS)
     elif field.type in (int, "int"):
       _positive_int(name, v)  # steps, batch sizes, intervals, holdout, keep_checkpoints
 
@@ -238,6 +241,64 @@ def validate(config):
       raise UserError(f"{flag_name(field)} {getattr(config, field)} must be a multiple of "
                       f"{flag_name('steps_per_call')} {k}, so that fused calls end on it")
   return config
+
+
+def override(config, values: dict):
+  """`config` with fields replaced. Keys are field names or dotted paths into nested
+  configs ("augment.crop_prob"); values are used as given (check with `validate`)."""
+  direct, nested = {}, {}
+  for key, value in values.items():
+    head, _, rest = key.partition(".")
+    if rest:
+      nested.setdefault(head, {})[rest] = value
+    else:
+      direct[head] = value
+  for head, sub in nested.items():
+    direct[head] = override(getattr(config, head), sub)
+  return dataclasses.replace(config, **direct)
+
+
+def _field_type(cls, path: str, full: str):
+  head, _, rest = path.partition(".")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  if head not in fields:
+    raise UserError(f"--set {full}: {_kind(cls.__name__)} configs have no field {head!r}; "
+                    f"fields: {', '.join(fields)}")
+  ftype = fields[head].type
+  ftype = {"int": int, "float": float, "str": str, "bool": bool}.get(ftype, ftype)
+  if rest:
+    if not dataclasses.is_dataclass(ftype):
+      raise UserError(f"--set {full}: {head} is a {getattr(ftype, '__name__', ftype)}, "
+                      f"not a group of fields")
+    return _field_type(ftype, rest, full)
+  if dataclasses.is_dataclass(ftype):
+    names = ", ".join(f"{path}.{f.name}" for f in dataclasses.fields(ftype))
+    raise UserError(f"--set {full}: {head} is a group of fields; set one of {names}")
+  return ftype
+
+
+def parse_assignments(cls, texts) -> dict:
+  """{field path: value} from the CLI's `--set FIELD=VALUE` strings, each value converted
+  to its field's type (int, float, str or bool) or rejected with a line naming it."""
+  values = {}
+  for text in texts:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+      raise UserError(f"--set wants FIELD=VALUE (e.g. learning_rate=0.001), got {text!r}")
+    ftype = _field_type(cls, key, key)
+    try:
+      if ftype is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+          raise ValueError
+        value = raw.lower() in ("true", "1")
+      else:
+        value = ftype(raw)
+    except ValueError:
+      raise UserError(f"--set {key} wants {'an' if ftype is int else 'a'} "
+                      f"{ftype.__name__}, got {raw!r}") from None
+    values[key] = value
+  return values
 
 
 def check_divisible(flag: str, size: int, num_devices: int):

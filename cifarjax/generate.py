@@ -17,8 +17,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cifarjax import compiler, diffusion, mesh as mesh_lib
+from cifarjax.augment import to_model_range, to_uint8
 from cifarjax.errors import UserError, note
-from cifarjax.train_diffusion import load_trained, make_schedule, to_model_range, to_uint8
+# The checkpoint's state is the trainer's (DiffusionState), so reading one back is its job.
+from cifarjax.train_diffusion import load_trained
 
 
 # Which weights of a DiffusionState to sample: the EMA ones (the default), or the raw
@@ -105,8 +107,9 @@ def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
   if sampler == "ddpm" and steps == config.num_timesteps:
     steps = None
   batch_size = -(-min(batch_size, max(len(labels), 1)) // mesh.size) * mesh.size
-  sample_batch = make_sampler(model, make_schedule(config), mesh, batch_size, sampler=sampler,
-                              steps=steps, guidance=guidance, prediction=config.prediction)
+  schedule = diffusion.make_schedule(config.schedule, config.num_timesteps)
+  sample_batch = make_sampler(model, schedule, mesh, batch_size, sampler=sampler, steps=steps,
+                              guidance=guidance, prediction=config.prediction)
   key, out = jax.random.PRNGKey(seed), []
   starts = range(0, len(labels), batch_size)
   for i, start in enumerate(tqdm(starts, desc=f"sample ({sampler})", unit="batch",
@@ -146,7 +149,7 @@ def interpolate(workdir, image_a, label_a: int, image_b, label_b: int, frames: i
   model, state, config, class_names = load_trained(workdir, mesh)
   ends = check_labels([label_a, label_b], len(class_names))
   labels = frame_labels(alphas, *ends)
-  schedule = make_schedule(config)
+  schedule = diffusion.make_schedule(config.schedule, config.num_timesteps)
 
   @functools.partial(jax.jit, compiler_options=compiler.options())
   def run(params, x0, ends, alphas, labels):

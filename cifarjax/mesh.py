@@ -171,3 +171,9 @@ def check_batch_size(batch_size: int, mesh: Mesh):
   if batch_size % mesh.size:
     raise ValueError(
         f"batch size {batch_size} must be divisible by the number of devices ({mesh.size})")
+
+
+def describe_devices(mesh: Mesh) -> str:
+  """E.g. "8 x NVIDIA H100 80GB HBM3 (gpu), 1 process(es)": what a summary records."""
+  d = mesh.devices.flat[0]
+  return f"{mesh.size} x {d.device_kind} ({d.platform}), {jax.process_count()} process(es)"

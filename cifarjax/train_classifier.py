@@ -17,10 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cifarjax import augment, compiler, config as config_lib, loop, mesh as mesh_lib, runlog
+from cifarjax import augment, compiler, loop, mesh as mesh_lib, run as run_lib, runlog
 from cifarjax.config import ClassifierConfig
 from cifarjax.data import Split, load_split, with_class_order
-from cifarjax.models import count_params, paper_classifier
+from cifarjax import models
+from cifarjax.models import count_params
 
 
 @flax.struct.dataclass
@@ -143,24 +144,26 @@ def train_eval_indices(n: int, size: int) -> np.ndarray:
   return np.sort(np.random.default_rng(0).permutation(n)[:min(size, n)])
 
 
-def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None = None) -> dict:
-  """Trains (or resumes) the paper classifier in `workdir`; returns the summary.
+def make_model(config: ClassifierConfig, num_classes: int) -> nn.Module:
+  """The network `config.model` names in `models.CLASSIFIERS`."""
+  return models.CLASSIFIERS[config.model](num_classes, dropout_rate=config.dropout)
 
-  model: another network to train with the same recipe, data and loop (called
+
+def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None = None) -> dict:
+  """Trains (or resumes) the classifier in `workdir`; returns the summary.
+
+  The network is the one `config.model` names (default the paper's). model: any other
+  flax module to train with the same recipe, data and loop (called
   `model.apply(variables, images, train=...)` with "params" and "batch_stats"
   collections and a "dropout" rng, as `Classifier`); pass the same one to
-  `load_trained` to read its checkpoints back. Default: `paper_classifier`.
+  `load_trained` to read its checkpoints back. A module you will use again is better
+  registered in `models.CLASSIFIERS` and named by `config.model`: then config.json
+  alone rebuilds it, and `cifarjax eval-classifier` scores it.
   """
   from cifarjax.data import check_training_data
   from cifarjax.errors import note
-  # Everything is checked before the workdir is touched: a rejected start leaves nothing
-  # that would block the corrected command.
-  config = config_lib.with_absolute_data(config_lib.validate(config))
-  workdir = pathlib.Path(workdir)
-  config_lib.check_resumable(workdir, config)
-  mesh = mesh or mesh_lib.make_mesh()
-  config_lib.check_divisible("--batch-size", config.batch_size, mesh.size)
-  config_lib.check_divisible("config field eval_batch_size", config.eval_batch_size, mesh.size)
+  config, workdir, mesh = run_lib.open_workdir(config, workdir, mesh,
+                                               ("batch_size", "eval_batch_size"))
   note(f"loading {config.data} (train and test splits)")
   train_data = load_split(config.data, "train", holdout=config.holdout)
   test_data = load_split(config.data, "test", holdout=config.holdout)
@@ -168,13 +171,10 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
   check_training_data(train_data, config.data, config.batch_size, min_classes=2)
   note(f"{len(train_data):,} training and {len(test_data):,} test images of "
        f"{train_data.num_classes} classes; initialising the model (seconds to a minute)")
-  workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    config_lib.save_json(config, workdir / "config.json")
-    runlog.write_json(workdir / "classes.json", list(train_data.class_names))
+  run_lib.write_start(workdir, config, train_data.class_names)
 
-  model_name = "paper_classifier" if model is None else type(model).__name__
-  model = model or paper_classifier(train_data.num_classes, dropout_rate=config.dropout)
+  model_name = config.model if model is None else type(model).__name__
+  model = model or make_model(config, train_data.num_classes)
   steps_per_epoch = len(train_data) // config.batch_size
   tx, lr_fn = make_optimizer(config, steps_per_epoch)
   state = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
@@ -192,17 +192,15 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
                   f"{name}_loss": result["loss"]})
     return out
 
-  settings = loop.LoopSettings(config.steps, config.batch_size, config.log_every,
-                               config.eval_every, config.checkpoint_every,
-                               config.keep_checkpoints, config.steps_per_call)
   state, final_eval, seconds = loop.run(
       workdir, state, draw=make_draw(train_images, train_labels, config, mesh),
       train_step=make_train_step(model, tx, mesh), evaluate=evaluate, lr_fn=lr_fn,
-      settings=settings, desc="classifier")
+      settings=run_lib.loop_settings(config), desc="classifier")
 
   evals = [r for r in runlog.read_metrics(workdir) if "test_accuracy" in r]
   best = max(evals, key=lambda r: r["test_accuracy"]) if evals else {}
-  summary = {
+  from cifarjax import plots
+  return run_lib.write_summary(workdir, {
       "model": model_name, "data": config.data, "steps": int(jax.device_get(state.step)),
       "num_params": count_params(state.params),
       **{f"final_{k}": v for k, v in final_eval.items()},
@@ -210,48 +208,29 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
       "train_test_gap": (final_eval["train_accuracy"] - final_eval["test_accuracy"]
                          if final_eval else None),
       "num_train": len(train_data), "num_test": len(test_data),
-      "wall_seconds_this_call": seconds, "devices": describe_devices(mesh),
-      "jax_version": jax.__version__,
-  }
-  if jax.process_index() == 0:
-    runlog.write_json(workdir / "summary.json", summary)
-    from cifarjax import plots
-    plots.training_graph(workdir)
-  return summary
-
-
-def describe_devices(mesh) -> str:
-  d = mesh.devices.flat[0]
-  return f"{mesh.size} x {d.device_kind} ({d.platform}), {jax.process_count()} process(es)"
+      "wall_seconds_this_call": seconds,
+  }, mesh, plots.training_graph)
 
 
 def load_trained(workdir, mesh=None, model: nn.Module | None = None):
-  """(model, state, config, class_names) of the latest checkpoint in a classifier workdir
-  (trained with `model`, default `paper_classifier`)."""
-  from cifarjax import checkpoint
+  """(model, state, config, class_names) of the latest checkpoint in a classifier workdir:
+  the network its config names, or `model` where it was trained with a custom one."""
   workdir = pathlib.Path(workdir)
-  config = config_lib.load_run_config(workdir, ClassifierConfig,
-                                      "classifier (train-classifier) run", "train-classifier")
-  class_names = tuple(runlog.read_json(workdir / "classes.json"))
+  config, class_names = run_lib.read_run(workdir, ClassifierConfig, "train-classifier")
   mesh = mesh or mesh_lib.make_mesh()
   custom = model is not None
-  model = model or paper_classifier(len(class_names), dropout_rate=config.dropout)
+  model = model or make_model(config, len(class_names))
   tx, _ = make_optimizer(config, 1)
   like = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
-  try:
-    state = checkpoint.load_latest(workdir, like)
-  except ValueError as e:  # orbax's message lists the whole tree: kilobytes, unreadable
-    from cifarjax.errors import UserError
-    summary = workdir / "summary.json"
-    trained = runlog.read_json(summary).get("model") if summary.is_file() else None
-    what = (f"the model passed ({type(model).__name__})" if custom else
-            f"the paper classifier for {len(class_names)} classes")
-    hint = (f"the run trained a custom model ({trained}); " if trained not in
-            (None, "paper_classifier") else "was it trained with a custom model? ")
-    raise UserError(
-        f"the checkpoint in {workdir}/checkpoints does not fit {what}: {hint}load it from "
-        f"Python with cifarjax.train_classifier.load_trained(workdir, model=<that model>)"
-    ) from e
+  summary = workdir / "summary.json"
+  trained = runlog.read_json(summary).get("model") if summary.is_file() else None
+  what = (f"the model passed ({type(model).__name__})" if custom else
+          f"the {config.model!r} classifier for {len(class_names)} classes")
+  hint = (f"the run trained a custom model ({trained}); " if trained not in
+          (None, config.model, "paper_classifier") else "was it trained with a custom model? ")
+  state = run_lib.restore_latest(
+      workdir, like, f"the checkpoint in {workdir}/checkpoints does not fit {what}: {hint}load "
+      f"it from Python with cifarjax.train_classifier.load_trained(workdir, model=<that model>)")
   return model, state, config, class_names
 
 

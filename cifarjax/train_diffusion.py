@@ -9,29 +9,22 @@ applies Adam, and moves the EMA weights.
 """
 
 import functools
-import pathlib
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from cifarjax import (augment, compiler, config as config_lib, diffusion, loop, mesh as mesh_lib,
-                      runlog)
+                      run as run_lib, runlog)
 from cifarjax.config import DiffusionConfig
 from cifarjax.data import Split, load_split, with_class_order
+from cifarjax import models
 from cifarjax.models import count_params
-from cifarjax.models.unet import UNet, paper_unet
-
-# U-Net sizes a config may name. "tiny" keeps every code path (two levels, the
-# encoders, a residual block per level) at a size tests compile in seconds.
-UNET_SIZES = {
-    "paper": None,  # `paper_unet`
-    "tiny": dict(base_channels=8, channel_mults=(1, 2), blocks_per_level=1, embed_hidden=16),
-}
-
+from cifarjax.models.unet import UNet
 
 @flax.struct.dataclass
 class DiffusionState:
@@ -43,12 +36,8 @@ class DiffusionState:
 
 
 def make_unet(config: DiffusionConfig, num_classes: int) -> UNet:
-  if config.unet not in UNET_SIZES:
-    raise ValueError(f"unknown unet {config.unet!r}; choose from {', '.join(UNET_SIZES)}")
-  size = UNET_SIZES[config.unet]
-  if size is None:
-    return paper_unet(num_classes, config.num_timesteps)
-  return UNet(num_classes=num_classes, num_timesteps=config.num_timesteps, **size)
+  """The network `config.unet` names in `models.UNETS`."""
+  return models.UNETS[config.unet](num_classes, config.num_timesteps)
 
 
 def make_schedule(config: DiffusionConfig) -> diffusion.Schedule:
@@ -109,16 +98,6 @@ def make_train_step(model: UNet, schedule, tx, mesh, config: DiffusionConfig):
                  compiler_options=compiler.options())
 
 
-def to_model_range(images_uint8):
-  """uint8 images to float32 in [-1, 1], the range the noise schedule assumes."""
-  return augment.to_float(images_uint8) * 2.0 - 1.0
-
-
-def to_uint8(images):
-  """Model-range float images (any values) to uint8, clipped to [-1, 1] first."""
-  return np.asarray(jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5), np.uint8)
-
-
 def make_draw(images, labels, config: DiffusionConfig, mesh):
   """draw(state) -> ((images in [-1, 1], labels), rng): batch `state.step` of the epoch
   order, flipped on the device. images/labels: the whole split, on the device."""
@@ -150,7 +129,7 @@ def make_evaluate(model: UNet, schedule, images, labels, config: DiffusionConfig
   n -= n % mesh.size
   mesh_lib.check_batch_size(max(n, 1), mesh)
   idx = np.sort(np.random.default_rng(0).permutation(len(images))[:n])
-  batch = jax.device_put((np.asarray(to_model_range(images[idx])), np.asarray(labels[idx])),
+  batch = jax.device_put((np.asarray(augment.to_model_range(images[idx])), np.asarray(labels[idx])),
                          mesh_lib.batch_sharded(mesh))
   key, loss_fn = jax.random.PRNGKey(1), make_loss(model, schedule, config)
 
@@ -184,79 +163,62 @@ def put_split(data, mesh):
   return jax.device_put((data.images, data.labels.astype(np.int32)), mesh_lib.replicated(mesh))
 
 
-def train(config: DiffusionConfig, workdir, mesh=None) -> dict:
-  """Trains (or resumes) the generator in `workdir`; returns the summary."""
-  from cifarjax.train_classifier import describe_devices
+def train(config: DiffusionConfig, workdir, mesh=None, model: nn.Module | None = None) -> dict:
+  """Trains (or resumes) the generator in `workdir`; returns the summary.
+
+  The network is the one `config.unet` names (default the paper's). model: any other
+  flax module to train with the same recipe (called `model.apply({"params": p}, x, t,
+  labels)` as `UNet`, with a `num_classes` attribute: its null label for guidance);
+  pass the same one to `load_trained`. Registered in `models.UNETS` and named by
+  `config.unet`, config.json alone rebuilds it.
+  """
   from cifarjax.data import check_training_data
-  from cifarjax.errors import UserError, note
-  # Everything is checked before the workdir is touched: a rejected start leaves nothing
-  # that would block the corrected command.
-  config = config_lib.with_absolute_data(config_lib.validate(config))
-  if config.unet not in UNET_SIZES:
-    raise UserError(f"--unet must be one of {', '.join(UNET_SIZES)}, got {config.unet!r}")
-  workdir = pathlib.Path(workdir)
-  config_lib.check_resumable(workdir, config)
-  mesh = mesh or mesh_lib.make_mesh()
-  config_lib.check_divisible("--batch-size", config.batch_size, mesh.size)
+  from cifarjax.errors import note
+  config, workdir, mesh = run_lib.open_workdir(config, workdir, mesh)
   note(f"loading {config.data} ({' + '.join(config_lib.TRAINING_SPLITS[config.train_on])})")
   train_data = load_training_data(config)
   check_training_data(train_data, config.data, config.batch_size, min_classes=1)
   note(f"{len(train_data):,} training images of {train_data.num_classes} classes; "
        f"initialising the model (seconds to a minute)")
-  workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    config_lib.save_json(config, workdir / "config.json")
-    runlog.write_json(workdir / "classes.json", list(train_data.class_names))
+  run_lib.write_start(workdir, config, train_data.class_names)
 
-  model, schedule = make_unet(config, train_data.num_classes), make_schedule(config)
+  model_name = f"unet:{config.unet}" if model is None else type(model).__name__
+  model, schedule = model or make_unet(config, train_data.num_classes), make_schedule(config)
   steps_per_epoch = len(train_data) // config.batch_size
   tx, lr_fn = make_optimizer(config, steps_per_epoch)
   state = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
   images, labels = put_split(train_data, mesh)
-  settings = loop.LoopSettings(config.steps, config.batch_size, config.log_every,
-                               config.eval_every, config.checkpoint_every,
-                               config.keep_checkpoints, config.steps_per_call)
   state, final_eval, seconds = loop.run(
       workdir, state, draw=make_draw(images, labels, config, mesh),
       train_step=make_train_step(model, schedule, tx, mesh, config),
       evaluate=make_evaluate(model, schedule, train_data.images, train_data.labels, config, mesh),
-      lr_fn=lr_fn, settings=settings, desc="diffusion")
+      lr_fn=lr_fn, settings=run_lib.loop_settings(config), desc="diffusion")
 
   losses = [r["loss"] for r in runlog.read_metrics(workdir) if "loss" in r]
   summary_path = workdir / "summary.json"
   previous = runlog.read_json(summary_path) if summary_path.exists() else {}
-  summary = {
+  from cifarjax import plots
+  return run_lib.write_summary(workdir, {
       **previous,  # keeps what eval-diffusion wrote (FID) across resumes
-      "model": f"unet:{config.unet}", "data": config.data, "schedule": config.schedule,
+      "model": model_name, "data": config.data, "schedule": config.schedule,
       "steps": int(jax.device_get(state.step)), "num_params": count_params(state.params),
       "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
       **{f"final_{k}": v for k, v in final_eval.items()},
       "num_train": len(train_data), "wall_seconds_this_call": seconds,
-      "devices": describe_devices(mesh), "jax_version": jax.__version__,
-  }
-  if jax.process_index() == 0:
-    runlog.write_json(summary_path, summary)
-    from cifarjax import plots
-    plots.loss_curve(workdir)
-  return summary
+  }, mesh, plots.loss_curve)
 
 
-def load_trained(workdir, mesh=None):
-  """(model, state, config, class_names) of the latest checkpoint in a generator workdir."""
-  from cifarjax import checkpoint
-  workdir = pathlib.Path(workdir)
-  config = config_lib.load_run_config(workdir, DiffusionConfig, "generator (train-diffusion) run",
-                                      "train-diffusion")
-  class_names = tuple(runlog.read_json(workdir / "classes.json"))
+def load_trained(workdir, mesh=None, model: nn.Module | None = None):
+  """(model, state, config, class_names) of the latest checkpoint in a generator workdir:
+  the network its config names, or `model` where it was trained with a custom one."""
+  config, class_names = run_lib.read_run(workdir, DiffusionConfig, "train-diffusion")
   mesh = mesh or mesh_lib.make_mesh()
-  model = make_unet(config, len(class_names))
+  what = (f"the model passed ({type(model).__name__})" if model is not None else
+          f"the {config.unet!r} U-Net for {len(class_names)} classes that its config.json "
+          f"describes (written by another version of cifarjax, or trained with a custom model?)")
+  model = model or make_unet(config, len(class_names))
   tx, _ = make_optimizer(config, 1)
   like = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
-  try:
-    state = checkpoint.load_latest(workdir, like)
-  except ValueError as e:  # orbax's message lists the whole tree: kilobytes, unreadable
-    from cifarjax.errors import UserError
-    raise UserError(f"the checkpoint in {workdir}/checkpoints does not fit the "
-                    f"{config.unet!r} U-Net for {len(class_names)} classes that its "
-                    f"config.json describes (written by another version of cifarjax?)") from e
+  state = run_lib.restore_latest(workdir, like,
+                                 f"the checkpoint in {workdir}/checkpoints does not fit {what}")
   return model, state, config, class_names

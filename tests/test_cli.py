@@ -464,3 +464,67 @@ def test_11_help_shows_defaults_and_there_is_a_version(capsys):
   for presets, table in ((ClassifierConfig(), classifier.PAPER),
                          (DiffusionConfig(), diffusion.PAPER)):
     assert {k: getattr(presets, k) for k in table} == table
+
+
+# --- Every config field from the command line, and registered models by name ------------
+
+
+def test_set_reaches_any_field_after_the_preset_and_the_flags():
+  from cifarjax.commands import config_from_args
+  from cifarjax.config import CLASSIFIER_PRESETS
+  args = cli.build_parser().parse_args([
+      "train-classifier", "--preset", "dropout", "--steps", "7", "--set", "learning_rate=0.001",
+      "--set", "augment.crop_prob=0.5", "--set", "steps=9", "--set", "model=paper"])
+  config = config_from_args(CLASSIFIER_PRESETS, args)
+  assert (config.dropout, config.learning_rate, config.augment.crop_prob) == (0.4, 0.001, 0.5)
+  assert config.steps == 9 and type(config.steps) is int  # --set comes after --steps
+  assert config.augment.hflip_prob == 0.5  # the rest of the nested config is kept
+
+
+@pytest.mark.parametrize("command,assignment,message", [
+    ("train-classifier", "lr=0.1", "--set lr: classifier (train-classifier) configs have "
+     "no field 'lr'; fields: model, data,"),
+    ("train-classifier", "learning_rate=fast", "--set learning_rate wants a float, got 'fast'"),
+    ("train-classifier", "steps=1.5", "--set steps wants an int, got '1.5'"),
+    ("train-classifier", "augment=0.5", "--set augment: augment is a group of fields; set "
+     "one of augment.hflip_prob,"),
+    ("train-classifier", "augment.hflip_prob=2", "config field augment.hflip_prob must lie in "
+     "[0, 1], got 2.0"),
+    ("train-classifier", "model=wide", "config field model must be one of paper, got 'wide'"),
+    ("train-classifier", "learning_rate", "--set wants FIELD=VALUE"),
+    ("train-diffusion", "unet=huge", "--unet must be one of paper, tiny, got 'huge'"),
+    ("train-diffusion", "schedule=cosine", "config field schedule must be one of"),
+])
+def test_set_refuses_bad_assignments_before_anything_is_written(tmp_path, command, assignment,
+                                                                message):
+  code, out, err = call(command, "--data", "synthetic", "--set", assignment,
+                        "--workdir", tmp_path / "run")
+  assert code == 2 and out == ""
+  assert message in error_of(err, command)
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_registered_classifier_is_trained_and_evaluated_by_name(tmp_path, monkeypatch):
+  """config.json alone describes a run: a model registered in models.CLASSIFIERS and named
+  by --set model=... trains from the CLI, and eval-classifier rebuilds it with no code."""
+  import flax.linen as nn
+  from cifarjax import models
+
+  class Small(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+      x = nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x))
+      return nn.Dense(self.num_classes)(x.mean((1, 2)))
+
+  monkeypatch.setitem(models.CLASSIFIERS, "small",
+                      lambda num_classes, dropout_rate: Small(num_classes))
+  code, out, err = call("train-classifier", "--data", "synthetic", *TRAIN, "--set", "model=small",
+                        "--workdir", tmp_path / "run")
+  assert code == 0, err
+  assert json.loads(out)["num_params"] == 3 * 3 * 3 * 4 + 4 + 2 * 4 + 4 * 10 + 10
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "small"
+  code, out, err = call("eval-classifier", "--workdir", tmp_path / "run", "--json")
+  assert code == 0, err
+  assert json.loads(out)["step"] == 3

@@ -26,14 +26,19 @@ def test_readme_has_the_three_examples():
 
 
 def test_custom_block_classifier(monkeypatch, tmp_path):
+  from cifarjax import models
+  monkeypatch.setattr(models, "CLASSIFIERS", dict(models.CLASSIFIERS))  # the block registers one
   ns = run_block(0, monkeypatch, tmp_path)
   summary = ns["summary"]
-  assert summary["steps"] == 4 and summary["model"] == "Classifier"
+  assert summary["steps"] == 4 and summary["model"] == "fire"
+  assert ns["config"].model == "fire" and ns["class_names"]
   assert any("FireBlock_0" in str(k) for k in ns["state"].params)
   assert int(ns["state"].step) == 4
 
 
 def test_custom_schedule_sampler(monkeypatch, tmp_path):
+  from cifarjax import diffusion
+  monkeypatch.setattr(diffusion, "SCHEDULES", dict(diffusion.SCHEDULES))  # the block adds one
   ns = run_block(1, monkeypatch, tmp_path)
   assert ns["images"].shape == (4, 32, 32, 3)
   assert ns["schedule"].num_timesteps == 100

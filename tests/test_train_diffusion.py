@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifarjax import cli, config as config_lib, diffusion, generate, image_grid, mesh as mesh_lib
+from cifarjax import (augment, cli, config as config_lib, diffusion, generate, image_grid,
+                      mesh as mesh_lib)
 from cifarjax import runlog
 from cifarjax import train_diffusion as td
 from cifarjax.commands import diffusion as diffusion_commands
@@ -80,7 +81,7 @@ def test_loss_falls_when_overfitting_a_small_batch(objective):
   tx, _ = td.make_optimizer(config, steps_per_epoch=1000)
   state = jax.device_put(td.init_state(model, tx, seed=0), mesh_lib.replicated(mesh))
   data = load_synthetic("test").take(np.arange(16))
-  batch = (td.to_model_range(jnp.asarray(data.images)), jnp.asarray(data.labels))
+  batch = (augment.to_model_range(jnp.asarray(data.images)), jnp.asarray(data.labels))
   step = td.make_train_step(model, schedule, tx, mesh, config)
   losses = []
   for _ in range(40):  # the same timesteps and noise each step: a fixed regression
@@ -99,7 +100,7 @@ def test_the_loss_follows_the_configs_objective():
   tx, _ = td.make_optimizer(config, steps_per_epoch=1)
   params = td.init_state(model, tx, seed=0).params
   data = load_synthetic("test").take(np.arange(4))
-  images, labels = td.to_model_range(jnp.asarray(data.images)), jnp.asarray(data.labels)
+  images, labels = augment.to_model_range(jnp.asarray(data.images)), jnp.asarray(data.labels)
   key = jax.random.PRNGKey(3)
   model_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
   loss = td.make_loss(model, schedule, config)(params, images, labels, key)
@@ -336,7 +337,7 @@ def test_generate_reads_the_output_as_the_runs_prediction(run_dir):
                             jnp.array([0, 5], jnp.int32), sampler="ddim", num_steps=4,
                             null_label=model.num_classes, prediction="v")
   # Eager here, jitted there: float rounding moves a pixel across a uint8 level now and then.
-  np.testing.assert_allclose(as_v, td.to_uint8(direct), rtol=0, atol=1)
+  np.testing.assert_allclose(as_v, augment.to_uint8(direct), rtol=0, atol=1)
   assert np.abs(as_v.astype(int) - as_eps).mean() > 10
 
 

@@ -139,3 +139,32 @@ def test_tiny_unet_overfits_a_small_batch(tiny):
     losses.append(float(loss))
   assert np.isfinite(losses).all()
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_residual_block_is_an_argument():
+  """UNet(residual_block=...) swaps every level's residual block, as Classifier(blocks=...)
+  swaps its blocks; the default is the paper's."""
+  import flax.linen as nn
+
+  class Scaled(nn.Module):  # h * a learned per-channel scale: C parameters per block
+    @nn.compact
+    def __call__(self, h):
+      return h * self.param("scale", nn.initializers.ones, (h.shape[-1],))
+
+  x, t, y = jnp.zeros((2, 32, 32, 3)), jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32)
+
+  def count(model):
+    return count_params(jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, y)["params"])
+
+  default = UNet(base_channels=8, channel_mults=(1, 2), blocks_per_level=2, embed_hidden=16)
+  swapped = UNet(base_channels=8, channel_mults=(1, 2), blocks_per_level=2, embed_hidden=16,
+                 residual_block=Scaled)
+  # 3 UNetBlocks (8, 16, 8 channels) of 2 residual blocks each; the paper's block holds two
+  # GroupNorms (2C), two depthwise 3x3 (9C + C bias each) and two pointwise (C*C + C each).
+  paper_block = lambda c: 2 * (2 * c + 10 * c + c * c + c)
+  removed = sum(2 * (paper_block(c) - c) for c in (8, 16, 8))
+  assert count(default) - count(swapped) == removed
+  out = swapped.apply(swapped.init(jax.random.PRNGKey(0), x, t, y), x, t, y)
+  chex.assert_shape(out, x.shape)
+  assert count(UNet(num_classes=100, base_channels=42, channel_mults=(1, 2, 2, 2),
+                    blocks_per_level=6, embed_hidden=190)) == count(paper_unet()) == 996_859

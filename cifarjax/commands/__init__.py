@@ -21,6 +21,28 @@ def distributed_flag(parser):
            "not joined refuses to start")
 
 
+def set_flag(parser):
+  """Adds --set FIELD=VALUE (repeatable): any field of the run's config."""
+  parser.add_argument(
+      "--set", action="append", default=[], metavar="FIELD=VALUE",
+      help="set any config field, e.g. --set learning_rate=0.001 --set augment.crop_prob=0.5 "
+           "(repeatable; applied after the preset and the flags above; the fields are the "
+           "config's in cifarjax/config.py)")
+
+
+def config_from_args(presets: dict, args):
+  """The run's config: the --preset, then every flag named as a config field, then --set;
+  each value validated (a UserError names the first bad one)."""
+  import dataclasses
+  from cifarjax import config as config_lib
+  config = config_lib.preset(presets, args.preset)
+  flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(config)
+           if getattr(args, f.name, None) is not None}
+  config = config_lib.override(config, flags)
+  config = config_lib.override(config, config_lib.parse_assignments(type(config), args.set))
+  return config_lib.validate(config)
+
+
 def positive(flag: str, value, allow_none: bool = False):
   """Raises a UserError unless `value` is a positive integer (or None where allowed)."""
   if value is None and allow_none:

@@ -1,9 +1,9 @@
 """`cifarjax train-classifier` and `cifarjax eval-classifier`."""
 
-import dataclasses
 import json
 
-from cifarjax.commands import distributed_flag, fresh_start_guard, positive
+from cifarjax.commands import (config_from_args, distributed_flag, fresh_start_guard,
+                               positive, set_flag)
 
 DATA_HELP = ("cifar100, cifar10, synthetic, a cifar-100-python folder or .tar.gz, or an image "
              "folder or .zip laid out <split>/<class>/<image> (32x32)")
@@ -33,6 +33,7 @@ def register(subparsers):
   p.add_argument("--workdir", default="runs/classifier",
                  help="where the run keeps its config, metrics, plots and checkpoints")
   p.add_argument("--seed", type=int, help=f"default: {PAPER['seed']}")
+  set_flag(p)
   distributed_flag(p)
   p.set_defaults(func=train)
 
@@ -48,15 +49,10 @@ def register(subparsers):
 
 def train(args):
   from cifarjax import mesh as mesh_lib
-  from cifarjax.config import CLASSIFIER_PRESETS, preset, validate
+  from cifarjax.config import CLASSIFIER_PRESETS
   from cifarjax.train_classifier import train as train_classifier
   mesh_lib.initialize_distributed(args.distributed)
-  config = preset(CLASSIFIER_PRESETS, args.preset)
-  overrides = {k: getattr(args, k) for k in ("data", "holdout", "steps", "batch_size", "eval_every",
-                                             "checkpoint_every", "log_every", "seed",
-                                             "steps_per_call")
-               if getattr(args, k) is not None}
-  config = validate(dataclasses.replace(config, **overrides))
+  config = config_from_args(CLASSIFIER_PRESETS, args)
   with fresh_start_guard(args.workdir):
     summary = train_classifier(config, args.workdir)
   print(json.dumps(summary, indent=2))

@@ -4,10 +4,10 @@ Every flag is checked against the workdir's saved run (its classes, its number o
 timesteps) before the generator is loaded, so a mistake costs no model load.
 """
 
-import dataclasses
 import json
 
-from cifarjax.commands import distributed_flag, fresh_start_guard, positive
+from cifarjax.commands import (config_from_args, distributed_flag, fresh_start_guard,
+                               positive, set_flag)
 from cifarjax.commands.classifier import DATA_HELP
 
 # The paper preset's values, shown by --help (tests/test_cli.py checks them against config.py).
@@ -49,6 +49,7 @@ def register(subparsers):
   p.add_argument("--workdir", default="runs/diffusion",
                  help="where the run keeps its config, metrics, plots and checkpoints")
   p.add_argument("--seed", type=int, help=f"default: {PAPER['seed']}")
+  set_flag(p)
   distributed_flag(p)
   p.set_defaults(func=train)
 
@@ -153,16 +154,10 @@ def _parse_labels(text: str) -> list[int]:
 
 def train(args):
   from cifarjax import mesh as mesh_lib
-  from cifarjax.config import DIFFUSION_PRESETS, preset, validate
+  from cifarjax.config import DIFFUSION_PRESETS
   from cifarjax.train_diffusion import train as train_diffusion
   mesh_lib.initialize_distributed(args.distributed)
-  config = preset(DIFFUSION_PRESETS, args.preset)
-  overrides = {k: getattr(args, k) for k in ("data", "holdout", "steps", "batch_size",
-                                             "label_dropout", "unet", "eval_every",
-                                             "checkpoint_every", "log_every", "seed", "train_on",
-                                             "steps_per_call")
-               if getattr(args, k) is not None}
-  config = validate(dataclasses.replace(config, **overrides))
+  config = config_from_args(DIFFUSION_PRESETS, args)
   with fresh_start_guard(args.workdir):
     summary = train_diffusion(config, args.workdir)
   print(json.dumps(summary, indent=2))

@@ -38,20 +38,15 @@ def register(subparsers):
 def model_sizes() -> dict:
   import jax
   import jax.numpy as jnp
-  from cifarjax.models import count_params, paper_classifier
+  from cifarjax.models import count_params, paper_classifier, paper_unet
 
   def count(model, *inputs):
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs))
     return count_params(variables["params"])
 
-  sizes = {"classifier_params": count(paper_classifier(), jnp.zeros((1, 32, 32, 3)))}
-  try:
-    from cifarjax.models.unet import paper_unet
-  except ImportError:
-    return sizes
   x, t, y = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)
-  sizes["unet_params"] = count(paper_unet(), x, t, y)
-  return sizes
+  return {"classifier_params": count(paper_classifier(), x),
+          "unet_params": count(paper_unet(), x, t, y)}
 
 
 def info(args):

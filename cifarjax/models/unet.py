@@ -17,7 +17,7 @@ rest of its batch: a sampler may run one chain per example under `jax.vmap`
 (see `cifarjax.diffusion.sample`) and get what a batched call gives.
 """
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -84,11 +84,16 @@ class ResidualBlock(nn.Module):
 
 
 class UNetBlock(nn.Module):
-  """One level's stage: h = label_enc * h + time_enc, then `num_blocks` residual blocks."""
+  """One level's stage: h = label_enc * h + time_enc, then `num_blocks` residual blocks.
+
+  residual_block: a module class (or factory) called with no arguments, whose
+  instances map h to a tensor of h's shape; default the paper's `ResidualBlock`.
+  """
   num_classes: int
   num_timesteps: int
   embed_hidden: int
   num_blocks: int
+  residual_block: Callable[[], nn.Module] = ResidualBlock
 
   @nn.compact
   def __call__(self, h, t, labels):
@@ -97,7 +102,7 @@ class UNetBlock(nn.Module):
     shift = TimeEncoder(self.num_timesteps, self.embed_hidden, channels)(t)
     h = scale[:, None, None, :] * h + shift[:, None, None, :]
     for _ in range(self.num_blocks):
-      h = ResidualBlock()(h)
+      h = self.residual_block()(h)
     return h
 
 
@@ -118,7 +123,8 @@ class UNet(nn.Module):
 
   Labels lie in [0, num_classes]; the index num_classes is the "null" label for
   classifier-free guidance, so the label tables have num_classes + 1 rows.
-  H and W must be divisible by 2^(L-1).
+  H and W must be divisible by 2^(L-1). residual_block replaces every level's
+  residual block (see `UNetBlock`), as `Classifier(blocks=...)` replaces its blocks.
   """
   num_classes: int = 100
   num_timesteps: int = 1000
@@ -126,6 +132,7 @@ class UNet(nn.Module):
   channel_mults: Sequence[int] = (1, 2, 2)
   blocks_per_level: int = 6
   embed_hidden: int = 128
+  residual_block: Callable[[], nn.Module] = ResidualBlock
 
   @nn.compact
   def __call__(self, x, t, labels):
@@ -136,7 +143,7 @@ class UNet(nn.Module):
     """
     widths = [self.base_channels * m for m in self.channel_mults]
     block = lambda: UNetBlock(self.num_classes, self.num_timesteps, self.embed_hidden,
-                              self.blocks_per_level)
+                              self.blocks_per_level, self.residual_block)
     h = nn.Conv(widths[0], (3, 3), padding="SAME")(x)
     skips = []
     for level, width in enumerate(widths):
@@ -173,3 +180,10 @@ def paper_unet(num_classes: int = 100, num_timesteps: int = 1000) -> UNet:
   """
   return UNet(num_classes=num_classes, num_timesteps=num_timesteps, base_channels=42,
               channel_mults=(1, 2, 2, 2), blocks_per_level=6, embed_hidden=190)
+
+
+def tiny_unet(num_classes: int = 100, num_timesteps: int = 1000) -> UNet:
+  """Every code path of `paper_unet` (two levels, the encoders, a residual block per
+  level) at a size tests compile in seconds."""
+  return UNet(num_classes=num_classes, num_timesteps=num_timesteps, base_channels=8,
+              channel_mults=(1, 2), blocks_per_level=1, embed_hidden=16)
