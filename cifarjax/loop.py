@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from cifarjax import checkpoint, compiler, runlog
+from cifarjax import augment, checkpoint, compiler, mesh as mesh_lib, runlog
 from cifarjax.errors import Interrupted, note
 
 
@@ -44,6 +44,28 @@ def epoch_batch_indices(key, step, num_examples: int, batch_size: int):
   epoch, position = step // steps_per_epoch, step % steps_per_epoch
   perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
   return jax.lax.dynamic_slice(perm, (position * batch_size,), (batch_size,))
+
+
+def make_draw(images, labels, batch_size: int, augment_config: augment.AugmentConfig, to_input,
+              mesh):
+  """draw(state) -> ((inputs, labels), rng), jitted: batch `state.step` of the epoch order
+  (`epoch_batch_indices`), augmented on the device, mapped by `to_input` to the model's
+  input range; rng is the step's own key for the train step (dropout, noise).
+  images/labels: the whole split, uint8 and int32, on the device. The order, the
+  augmentation and the step's key all derive from `state.rng` and `state.step`."""
+  num_examples = len(images)
+  if num_examples < batch_size:
+    raise ValueError(f"batch size {batch_size} exceeds the {num_examples} training examples")
+
+  def draw(state):
+    order_key = jax.random.fold_in(state.rng, 0)
+    aug_key, step_rng = jax.random.split(jax.random.fold_in(state.rng, state.step + 1))
+    idx = epoch_batch_indices(order_key, state.step, num_examples, batch_size)
+    x = augment.augment(aug_key, augment.to_float(images[idx]), augment_config)
+    return (to_input(x), labels[idx]), step_rng
+
+  sharded, replicated = mesh_lib.batch_sharded(mesh), mesh_lib.replicated(mesh)
+  return jax.jit(draw, out_shardings=((sharded, sharded), replicated))
 
 
 def fuse_steps(draw, train_step, num_steps: int, state, rolled: bool = True):

@@ -79,24 +79,8 @@ def make_train_step(model: nn.Module, tx, mesh):
 
 
 def make_draw(images, labels, config: ClassifierConfig, mesh):
-  """draw(state) -> ((images, labels), rng): batch `state.step` of the epoch order,
-  augmented on the device. images/labels: the whole split, on the device."""
-  num_examples, batch_size, aug = len(images), config.batch_size, config.augment
-  if num_examples < batch_size:
-    raise ValueError(f"batch size {batch_size} exceeds the {num_examples} training examples")
-
-  def draw_at(base_rng, step):
-    order_key, step_key = jax.random.fold_in(base_rng, 0), jax.random.fold_in(base_rng, step + 1)
-    aug_key, dropout_key = jax.random.split(step_key)
-    idx = loop.epoch_batch_indices(order_key, step, num_examples, batch_size)
-    x = augment.augment(aug_key, augment.to_float(images[idx]), aug)
-    return (augment.normalize(x), labels[idx]), dropout_key
-
-  def draw(state):
-    return draw_at(state.rng, state.step)
-
-  sharded, replicated = mesh_lib.batch_sharded(mesh), mesh_lib.replicated(mesh)
-  return jax.jit(draw, out_shardings=((sharded, sharded), replicated))
+  """`loop.make_draw` with the config's augmentations, normalised for the classifier."""
+  return loop.make_draw(images, labels, config.batch_size, config.augment, augment.normalize, mesh)
 
 
 def put_split(data: Split, mesh, pad_to: int = 1):

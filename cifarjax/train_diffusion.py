@@ -99,25 +99,10 @@ def make_train_step(model: UNet, schedule, tx, mesh, config: DiffusionConfig):
 
 
 def make_draw(images, labels, config: DiffusionConfig, mesh):
-  """draw(state) -> ((images in [-1, 1], labels), rng): batch `state.step` of the epoch
-  order, flipped on the device. images/labels: the whole split, on the device."""
-  num_examples, batch_size = len(images), config.batch_size
-  if num_examples < batch_size:
-    raise ValueError(f"batch size {batch_size} exceeds the {num_examples} training examples")
-  aug = augment.AugmentConfig(hflip_prob=config.hflip_prob)
-
-  def draw_at(base_rng, step):
-    order_key, step_key = jax.random.fold_in(base_rng, 0), jax.random.fold_in(base_rng, step + 1)
-    aug_key, step_rng = jax.random.split(step_key)
-    idx = loop.epoch_batch_indices(order_key, step, num_examples, batch_size)
-    x = augment.augment(aug_key, augment.to_float(images[idx]), aug)
-    return (x * 2.0 - 1.0, labels[idx]), step_rng
-
-  sharded, replicated = mesh_lib.batch_sharded(mesh), mesh_lib.replicated(mesh)
-  def draw(state):
-    return draw_at(state.rng, state.step)
-
-  return jax.jit(draw, out_shardings=((sharded, sharded), replicated))
+  """`loop.make_draw` with the config's flips, in the model's range [-1, 1]."""
+  return loop.make_draw(images, labels, config.batch_size,
+                        augment.AugmentConfig(hflip_prob=config.hflip_prob),
+                        lambda x: x * 2.0 - 1.0, mesh)
 
 
 def make_evaluate(model: UNet, schedule, images, labels, config: DiffusionConfig, mesh):
