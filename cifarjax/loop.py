@@ -77,7 +77,7 @@ def fuse_steps(draw, train_step, num_steps: int, state, rolled: bool = True):
   the state and the batch are pinned, read off `state` and one drawn batch.
   rolled: the steps run as a `lax.scan` (one compiled body, whatever num_steps);
   False (num_steps 1 only): the body alone, without a loop around it, which XLA:CPU
-  runs ~3.5x faster (docs/benchmarks.md); the two differ by float rounding.
+  runs several times faster (docs/benchmarks.md); the two differ by float rounding.
   """
   if not rolled and num_steps != 1:
     raise ValueError(f"an unrolled call runs one step, not {num_steps}")
