@@ -1,5 +1,6 @@
 """Orbax checkpoints of a whole train state, resumed automatically from a workdir."""
 
+import dataclasses
 import pathlib
 
 import jax
@@ -22,9 +23,31 @@ def restore_latest(mngr: ocp.CheckpointManager, like):
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   except (ValueError, KeyError) as e:
+    try:
+      return _restore_without_unset_fields(mngr, step, like, abstract)
+    except (ValueError, KeyError):
+      pass
     raise ValueError(
         f"checkpoint {mngr.directory}/{step} does not match this model and config "
         f"(is it a checkpoint of the other model?): {e}") from e
+
+
+def _restore_without_unset_fields(mngr, step, like, abstract):
+  """A state whose optional fields (None in `like`, e.g. a classifier's unused weight
+  average) are absent from a checkpoint written before those fields existed. (Whether a
+  field is set is part of a run's config, which a resume cannot change, so a checkpoint
+  never holds a field that `like` leaves unset.)"""
+  if not dataclasses.is_dataclass(like):
+    raise ValueError("not a state dataclass")
+  present = [f.name for f in dataclasses.fields(like) if getattr(like, f.name) is not None]
+  if len(present) == len(dataclasses.fields(like)):
+    raise ValueError("no unset fields")
+  restored = mngr.restore(step, args=ocp.args.StandardRestore(
+      {name: getattr(abstract, name) for name in present}))
+  for name in present:
+    if jax.tree.structure(restored[name]) != jax.tree.structure(getattr(like, name)):
+      raise ValueError(f"{name} is laid out otherwise")
+  return like.replace(**{name: restored[name] for name in present})
 
 
 def load_latest(workdir, like):

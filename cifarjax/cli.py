@@ -121,17 +121,22 @@ def main(argv=None) -> int:
 MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
 
 
-def run():
-  """The `cifarjax` command: `main()` in a process whose malloc asks for huge pages.
+def reexec_with_huge_pages(python_args):
+  """Replaces this process by `python python_args...` whose malloc asks for huge pages.
 
-  Re-executes itself once with GLIBC_TUNABLES set, on Linux with glibc, unless
-  GLIBC_TUNABLES is already set (then it is left as the user set it) or
-  CIFARJAX_HUGE_PAGES=0.
+  Does so on Linux with glibc, unless GLIBC_TUNABLES is already set (then it is left
+  as the user set it) or CIFARJAX_HUGE_PAGES=0; else returns and nothing changes.
+  Call it first thing, before any work a second start would repeat.
   """
   if (sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
       and "GLIBC_TUNABLES" not in os.environ and os.environ.get("CIFARJAX_HUGE_PAGES") != "0"):
     env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
-    os.execve(sys.executable, [sys.executable, "-m", "cifarjax", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, *python_args], env)
+
+
+def run():
+  """The `cifarjax` command: `main()` in a process whose malloc asks for huge pages."""
+  reexec_with_huge_pages(["-m", "cifarjax", *sys.argv[1:]])
   sys.exit(main())
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from cifarjax import augment, compiler, loop, mesh as mesh_lib, run as run_lib, runlog
+from cifarjax.optim import make_optimizer
 from cifarjax.config import ClassifierConfig
 from cifarjax.data import Split, load_split, with_class_order
 from cifarjax import models
@@ -31,30 +32,42 @@ class ClassifierState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array  # uint32 (2,) base key: data order, augmentation and dropout derive from it
+  # {"params", "batch_stats"} averaged over steps (ClassifierConfig.ema_decay), or None
+  ema: Any = None
 
 
-def make_optimizer(config: ClassifierConfig, steps_per_epoch: int):
-  """Adam with L2 weight decay added to the gradient (PyTorch's Adam), lr decayed per epoch."""
-  lr = optax.exponential_decay(config.learning_rate, transition_steps=steps_per_epoch,
-                               decay_rate=config.lr_decay, staircase=True)
-  tx = optax.chain(optax.add_decayed_weights(config.weight_decay), optax.scale_by_adam(),
-                   optax.scale_by_learning_rate(lr))
-  return tx, lr
-
-
-def init_state(model: nn.Module, tx, seed: int, image_shape=(32, 32, 3)) -> ClassifierState:
+def init_state(model: nn.Module, tx, seed: int, image_shape=(32, 32, 3),
+               ema: bool = False) -> ClassifierState:
+  """ema: also keep a moving average of the weights (starting at the initial ones)."""
   rng = jax.random.PRNGKey(seed)
   variables = model.init(jax.random.fold_in(rng, 2), jnp.zeros((1, *image_shape)), train=False)
   params = variables["params"]
+  averaged = {"params": params, "batch_stats": variables["batch_stats"]}
   return ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
-                         batch_stats=variables["batch_stats"], opt_state=tx.init(params), rng=rng)
+                         batch_stats=variables["batch_stats"], opt_state=tx.init(params), rng=rng,
+                         ema=jax.tree.map(jnp.copy, averaged) if ema else None)
 
 
-def cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  """Mean cross-entropy against integer labels, optionally smoothed: the target puts
+  1 - label_smoothing + label_smoothing / K on the label and label_smoothing / K elsewhere."""
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-def make_train_step(model: nn.Module, tx, mesh):
+def ramped_ema_update(ema, new, step, decay: float):
+  """One step of the weights' moving average, its decay ramped up as min(decay, (1+t)/(10+t))
+  so that short runs do not average in their initial weights (the generator's
+  `train_diffusion.ema_update` keeps a fixed decay)."""
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, x: e + (1.0 - d) * (x - e), ema, new)
+
+
+def make_train_step(model: nn.Module, tx, mesh, config: ClassifierConfig = ClassifierConfig()):
+  """The jitted step; from config it reads label_smoothing and ema_decay (the rest of the
+  recipe is in tx and in the batches)."""
   replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
 
   def train_step(state: ClassifierState, batch, rng):
@@ -64,12 +77,18 @@ def make_train_step(model: nn.Module, tx, mesh):
       logits, updates = model.apply(
           {"params": params, "batch_stats": state.batch_stats}, images, train=True,
           rngs={"dropout": rng}, mutable=["batch_stats"])
-      return cross_entropy(logits, labels), (logits, updates["batch_stats"])
+      loss = cross_entropy(logits, labels, config.label_smoothing)
+      return loss, (logits, updates["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          batch_stats=batch_stats, opt_state=opt_state)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if config.ema_decay:
+      ema = ramped_ema_update(ema, {"params": params, "batch_stats": batch_stats}, state.step,
+                       config.ema_decay)
+    state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                          opt_state=opt_state, ema=ema)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
     return state, metrics
 
@@ -92,10 +111,21 @@ def put_split(data: Split, mesh, pad_to: int = 1):
   return jax.device_put((images, labels), mesh_lib.replicated(mesh))
 
 
-def make_evaluate_split(model: nn.Module, mesh, batch_size: int):
+def log_probs(model: nn.Module, variables, images, flip: bool = False):
+  """Class log-probabilities in inference mode; flip: of the mean of the probabilities of
+  each image and its mirror image (test-time augmentation)."""
+  logp = jax.nn.log_softmax(model.apply(variables, images, train=False))
+  if not flip:
+    return logp
+  mirrored = jax.nn.log_softmax(model.apply(variables, jax.vmap(augment.flip_horizontal)(images),
+                                            train=False))
+  return jnp.logaddexp(logp, mirrored) - jnp.log(2.0)
+
+
+def make_evaluate_split(model: nn.Module, mesh, batch_size: int, flip: bool = False):
   """evaluate(params, batch_stats, images, labels, n) -> {accuracy, top5, loss, num_examples},
-  in inference mode (BatchNorm running statistics, no dropout). top5 is None for
-  models of fewer than 5 classes, where it would be trivially 1."""
+  in inference mode (BatchNorm running statistics, no dropout), with `log_probs`. top5
+  is None for models of fewer than 5 classes, where it would be trivially 1."""
   mesh_lib.check_batch_size(batch_size, mesh)
   sharded = mesh_lib.batch_sharded(mesh)
   num_classes = {}  # read off the logits when eval_batch is traced
@@ -105,12 +135,12 @@ def make_evaluate_split(model: nn.Module, mesh, batch_size: int):
     x = jax.lax.dynamic_slice_in_dim(images, start, batch_size)
     y = jax.lax.dynamic_slice_in_dim(labels, start, batch_size)
     x = jax.lax.with_sharding_constraint(augment.normalize(augment.to_float(x)), sharded)
-    logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+    logp = log_probs(model, {"params": params, "batch_stats": batch_stats}, x, flip)
     mask = (start + jnp.arange(batch_size)) < n
-    num_classes["logits"] = logits.shape[-1]
-    top5 = jnp.any(jax.lax.top_k(logits, min(5, logits.shape[-1]))[1] == y[:, None], axis=-1)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return (jnp.sum(mask * (jnp.argmax(logits, -1) == y)), jnp.sum(mask * top5),
+    num_classes["logits"] = logp.shape[-1]
+    top5 = jnp.any(jax.lax.top_k(logp, min(5, logp.shape[-1]))[1] == y[:, None], axis=-1)
+    loss = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+    return (jnp.sum(mask * (jnp.argmax(logp, -1) == y)), jnp.sum(mask * top5),
             jnp.sum(mask * loss))
 
   def evaluate(params, batch_stats, images, labels, n):
@@ -121,6 +151,16 @@ def make_evaluate_split(model: nn.Module, mesh, batch_size: int):
     return {"accuracy": correct / n, "top5": top5, "loss": loss / n, "num_examples": n}
 
   return evaluate
+
+
+WEIGHTS = ("raw", "ema")
+
+
+def weights_of(state: ClassifierState, weights: str):
+  """(params, batch_stats) to evaluate: the trained ones ("raw") or their average ("ema")."""
+  if weights == "raw":
+    return state.params, state.batch_stats
+  return state.ema["params"], state.ema["batch_stats"]
 
 
 def train_eval_indices(n: int, size: int) -> np.ndarray:
@@ -161,24 +201,26 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
   model = model or make_model(config, train_data.num_classes)
   steps_per_epoch = len(train_data) // config.batch_size
   tx, lr_fn = make_optimizer(config, steps_per_epoch)
-  state = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
+  state = jax.device_put(init_state(model, tx, config.seed, ema=config.ema_decay > 0),
+                         mesh_lib.replicated(mesh))
   train_images, train_labels = put_split(train_data, mesh)
   subset = train_data.take(train_eval_indices(len(train_data), config.train_eval_size))
   eval_sets = {name: (put_split(d, mesh, config.eval_batch_size), len(d))
                for name, d in (("test", test_data), ("train", subset))}
-  evaluate_split = make_evaluate_split(model, mesh, config.eval_batch_size)
+  evaluate_split = make_evaluate_split(model, mesh, config.eval_batch_size, config.eval_flip)
 
   def evaluate(state):
     out = {}
     for name, ((images, labels), n) in eval_sets.items():
-      result = evaluate_split(state.params, state.batch_stats, images, labels, n)
+      result = evaluate_split(*weights_of(state, "ema" if config.ema_decay else "raw"),
+                              images, labels, n)
       out.update({f"{name}_accuracy": result["accuracy"], f"{name}_top5": result["top5"],
                   f"{name}_loss": result["loss"]})
     return out
 
   state, final_eval, seconds = loop.run(
       workdir, state, draw=make_draw(train_images, train_labels, config, mesh),
-      train_step=make_train_step(model, tx, mesh), evaluate=evaluate, lr_fn=lr_fn,
+      train_step=make_train_step(model, tx, mesh, config), evaluate=evaluate, lr_fn=lr_fn,
       settings=run_lib.loop_settings(config), desc="classifier")
 
   evals = [r for r in runlog.read_metrics(workdir) if "test_accuracy" in r]
@@ -191,6 +233,7 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
       "best_test_accuracy": best.get("test_accuracy"), "best_step": best.get("step"),
       "train_test_gap": (final_eval["train_accuracy"] - final_eval["test_accuracy"]
                          if final_eval else None),
+      "evaluated": {"weights": "ema" if config.ema_decay else "raw", "flip": config.eval_flip},
       "num_train": len(train_data), "num_test": len(test_data),
       "wall_seconds_this_call": seconds,
   }, mesh, plots.training_graph)
@@ -205,7 +248,8 @@ def load_trained(workdir, mesh=None, model: nn.Module | None = None):
   custom = model is not None
   model = model or make_model(config, len(class_names))
   tx, _ = make_optimizer(config, 1)
-  like = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
+  like = jax.device_put(init_state(model, tx, config.seed, ema=config.ema_decay > 0),
+                        mesh_lib.replicated(mesh))
   summary = workdir / "summary.json"
   trained = runlog.read_json(summary).get("model") if summary.is_file() else None
   what = (f"the model passed ({type(model).__name__})" if custom else
@@ -219,21 +263,33 @@ def load_trained(workdir, mesh=None, model: nn.Module | None = None):
 
 
 def evaluate_workdir(workdir, data: str | None = None, split: str = "test",
-                     batch_size: int = 1000, mesh=None) -> dict:
-  """Top-1/top-5 accuracy of a trained classifier on any source whose classes it knows."""
+                     batch_size: int = 1000, mesh=None, weights: str | None = None,
+                     flip: bool | None = None, model: nn.Module | None = None) -> dict:
+  """Top-1/top-5 accuracy of a trained classifier on any source whose classes it knows.
+
+  weights: "raw" or "ema" (the average, where the run kept one); flip: test-time mirror
+  averaging. Both default to what the run's config evaluates. model: the network where
+  the run trained a custom one (as `load_trained`)."""
   from cifarjax.errors import UserError, note
   if batch_size < 1:
     raise UserError(f"--batch-size must be positive, got {batch_size}")
+  if weights not in (None, *WEIGHTS):
+    raise UserError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
   mesh = mesh or mesh_lib.make_mesh()
   note(f"loading the classifier in {workdir}")
-  model, state, config, class_names = load_trained(workdir, mesh)
+  model, state, config, class_names = load_trained(workdir, mesh, model)
+  weights = weights or ("ema" if config.ema_decay else "raw")
+  flip = config.eval_flip if flip is None else flip
+  if weights == "ema" and state.ema is None:
+    raise UserError(f"the run in {workdir} kept no weight average (its ema_decay is 0); "
+                    f"evaluate its raw weights")
   batch_size = -(-batch_size // mesh.size) * mesh.size
   note(f"loading {data or config.data} ({split} split)")
   data_split = with_class_order(load_split(data or config.data, split, holdout=config.holdout),
                                 class_names)
   note(f"evaluating on {len(data_split):,} images (the first batch compiles)")
   images, labels = put_split(data_split, mesh, batch_size)
-  result = make_evaluate_split(model, mesh, batch_size)(
-      state.params, state.batch_stats, images, labels, len(data_split))
+  result = make_evaluate_split(model, mesh, batch_size, flip)(
+      *weights_of(state, weights), images, labels, len(data_split))
   return {**result, "step": int(jax.device_get(state.step)), "data": data or config.data,
-          "split": split}
+          "split": split, "weights": weights, "flip": flip}

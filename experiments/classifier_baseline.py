@@ -64,6 +64,7 @@ def run(out, quick=False, data=None, seeds=(0, 1, 2)) -> common.Section:
 
 
 def main():
+  common.use_huge_pages()
   p = common.parser(__doc__)
   p.add_argument("--seeds", type=int, default=3)
   args = p.parse_args()

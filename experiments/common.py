@@ -9,6 +9,7 @@ the given) data: it checks the pipeline end to end, and its numbers mean nothing
 import argparse
 import dataclasses
 import pathlib
+import sys
 import time
 
 import jax
@@ -87,6 +88,14 @@ def table(headers, rows) -> str:
 
 def config_dict(config) -> dict:
   return config_lib.to_dict(config)
+
+
+def use_huge_pages():
+  """Restarts the script with glibc's huge pages for XLA's buffers, as the `cifarjax`
+  command does for itself (~25% faster CPU steps, docs/benchmarks.md). Each script's
+  main() calls it first (the imports above it then run twice: a few seconds)."""
+  from cifarjax import cli
+  cli.reexec_with_huge_pages(sys.orig_argv[1:])
 
 
 def parser(description) -> argparse.ArgumentParser:

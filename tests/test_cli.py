@@ -11,7 +11,11 @@ in fast fakes for the Inception features, so the file needs no weights.
 import contextlib
 import io
 import json
+import os
+import platform
 import signal
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -492,12 +496,23 @@ def test_set_reaches_any_field_after_the_preset_and_the_flags():
      "[0, 1], got 2.0"),
     ("train-classifier", "model=wide", "config field model must be one of paper, got 'wide'"),
     ("train-classifier", "learning_rate", "--set wants FIELD=VALUE"),
+    ("train-classifier", "optimizer=sgd", "config field optimizer must be one of adam, adamw, "
+     "got 'sgd'"),
+    ("train-classifier", "lr_schedule=step", "config field lr_schedule must be one of "
+     "exponential, cosine, got 'step'"),
+    ("train-classifier", "lr_schedule=cosine warmup_steps=3", "config field warmup_steps 3 "
+     "must be fewer than --steps 3"),
+    ("train-classifier", "label_smoothing=1", "config field label_smoothing must lie in [0, 1), "
+     "got 1.0"),
+    ("train-classifier", "eval_flip=yes", "--set eval_flip wants a bool, got 'yes'"),
     ("train-diffusion", "unet=huge", "--unet must be one of paper, tiny, got 'huge'"),
     ("train-diffusion", "schedule=cosine", "config field schedule must be one of"),
 ])
 def test_set_refuses_bad_assignments_before_anything_is_written(tmp_path, command, assignment,
                                                                 message):
-  code, out, err = call(command, "--data", "synthetic", "--set", assignment,
+  sets = [arg for a in assignment.split(" ") for arg in ("--set", a)]
+  # --steps 3: a refusal that fails to happen costs seconds, not a paper-length run.
+  code, out, err = call(command, "--data", "synthetic", "--steps", 3, *sets,
                         "--workdir", tmp_path / "run")
   assert code == 2 and out == ""
   assert message in error_of(err, command)
@@ -528,3 +543,22 @@ def test_a_registered_classifier_is_trained_and_evaluated_by_name(tmp_path, monk
   code, out, err = call("eval-classifier", "--workdir", tmp_path / "run", "--json")
   assert code == 0, err
   assert json.loads(out)["step"] == 3
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
+                    reason="huge pages are asked of glibc on Linux only")
+@pytest.mark.parametrize("env,want", [({}, "glibc.malloc.hugetlb=1"),
+                                      ({"CIFARJAX_HUGE_PAGES": "0"}, "None"),
+                                      ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+                                       "glibc.malloc.arena_max=2")])
+def test_processes_restart_once_with_huge_pages_unless_told_otherwise(tmp_path, env, want):
+  """What `cifarjax` and every experiment script's main() do first (a 25% faster CPU step)."""
+  script = tmp_path / "probe.py"
+  script.write_text("import os, sys\nfrom cifarjax import cli\n"
+                    "print('start', flush=True)\ncli.reexec_with_huge_pages(sys.argv)\n"
+                    "print(os.environ.get('GLIBC_TUNABLES'))\n")
+  base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CIFARJAX_HUGE_PAGES")}
+  out = subprocess.run([sys.executable, str(script)], env={**base, **env}, capture_output=True,
+                       text=True, check=True).stdout.split()
+  restarts = 1 if want == "glibc.malloc.hugetlb=1" else 0
+  assert out == ["start"] * (1 + restarts) + [want]

@@ -226,7 +226,7 @@ def test_interpolation_uses_the_closer_endpoints_label(run_dir, tmp_path):
   assert cli.main(["interpolate", "--workdir", str(workdir), "--data", "synthetic", "--a", "0",
                    "--b", "1", "--frames", "5", "--steps", "4", "--out", str(out)]) == 0
   strip = np.asarray(Image.open(out))
-  scale, gap, apart = 2, 2, 8
+  gap, apart = 2, 8  # 2x scale: 32 -> 64 pixels
   frames = gap + 5 * (64 + gap)  # 5 frames in one row, the two source images at its ends
   assert strip.shape == (gap + 64 + gap, 2 * (gap + 64 + gap + apart) + frames, 3)
 

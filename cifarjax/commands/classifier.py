@@ -17,7 +17,9 @@ def register(subparsers):
                             description="Train the paper's classifier, or resume the run in "
                             "--workdir (run the same command again to resume).")
   p.add_argument("--preset", default="paper",
-                 help="paper or a section 1.1 ablation: strong-wd, dropout, aug-noise, aug-jitter")
+                 help="paper, a section 1.1 ablation (strong-wd, dropout, aug-noise, "
+                 "aug-jitter), or improved (beyond the paper: crop, label smoothing, cosine "
+                 "schedule, weight average, mirror averaging)")
   p.add_argument("--data", help=f"{DATA_HELP} (default: {PAPER['data']})")
   p.add_argument("--holdout", type=int, help="held-out train examples where the source has no "
                  f"test split (default: {PAPER['holdout']})")
@@ -43,6 +45,10 @@ def register(subparsers):
   p.add_argument("--split", default="test", help="train, or test (a held-out slice of train "
                  "where the source has no test split)")
   p.add_argument("--batch-size", type=int, default=1000, help="images per compiled batch")
+  p.add_argument("--weights", choices=("raw", "ema"), help="the trained weights or their moving "
+                 "average (default: what the run evaluates: ema where it kept one)")
+  p.add_argument("--flip", choices=("on", "off"), help="average each image's and its mirror "
+                 "image's predictions (default: as the run's config, eval_flip)")
   p.add_argument("--json", action="store_true", help="print one JSON line")
   p.set_defaults(func=evaluate)
 
@@ -63,11 +69,14 @@ def evaluate(args):
   from cifarjax.train_classifier import evaluate_workdir
   positive("--batch-size", args.batch_size)
   mesh_lib.initialize_distributed()
-  result = evaluate_workdir(args.workdir, args.data, args.split, args.batch_size)
+  flip = None if args.flip is None else args.flip == "on"
+  result = evaluate_workdir(args.workdir, args.data, args.split, args.batch_size,
+                            weights=args.weights, flip=flip)
   if args.json:
     print(json.dumps(result))
   else:
     print(f"{result['data']}:{result['split']} at step {result['step']}: "
           f"top-1 {result['accuracy']:.4f}"
           + (f", top-5 {result['top5']:.4f}" if result["top5"] is not None else "") + " "
-          f"({result['num_examples']} images)")
+          f"({result['num_examples']} images, {result['weights']} weights"
+          + (", mirror-averaged" if result["flip"] else "") + ")")

@@ -1,0 +1,46 @@
+"""The classifier's optimiser: Adam or AdamW, and its learning-rate schedules by name.
+
+`make_optimizer(config, steps_per_epoch) -> (tx, lr_fn)`. The paper's recipe is
+Adam with L2 regularisation added to the gradient (PyTorch's
+`Adam(weight_decay=...)`) and the rate multiplied by lr_decay once per epoch.
+"""
+
+import optax
+
+
+def exponential(config, steps_per_epoch: int):
+  """The paper's: lr x lr_decay once per epoch (PyTorch's ExponentialLR stepped each epoch)."""
+  return optax.exponential_decay(config.learning_rate, transition_steps=steps_per_epoch,
+                                 decay_rate=config.lr_decay, staircase=True)
+
+
+def cosine(config, steps_per_epoch: int):
+  """Linear warm-up from 0 over warmup_steps, then a half cosine down to 0 at config.steps:
+  the run ends annealed, whatever its length."""
+  del steps_per_epoch
+  return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps,
+                                            max(config.steps, config.warmup_steps + 1), 0.0)
+
+
+LR_SCHEDULES = {"exponential": exponential, "cosine": cosine}
+
+
+def adam_l2(weight_decay: float, lr):
+  """L2 in the gradient, then Adam: the decay is rescaled by Adam's per-weight step size."""
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.scale_by_adam(),
+                     optax.scale_by_learning_rate(lr))
+
+
+def adamw(weight_decay: float, lr):
+  """Decoupled decay (Loshchilov & Hutter): every weight shrinks by lr * weight_decay per step."""
+  return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay),
+                     optax.scale_by_learning_rate(lr))
+
+
+OPTIMIZERS = {"adam": adam_l2, "adamw": adamw}
+
+
+def make_optimizer(config, steps_per_epoch: int):
+  """(optax transformation, learning-rate schedule) of a ClassifierConfig."""
+  lr = LR_SCHEDULES[config.lr_schedule](config, steps_per_epoch)
+  return OPTIMIZERS[config.optimizer](config.weight_decay, lr), lr
