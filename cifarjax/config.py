@@ -29,7 +29,8 @@ class ClassifierConfig:
     `optim.OPTIMIZERS`.
   - lr_schedule: "exponential" (the paper's, lr_decay per epoch) or "cosine"
     (warmup_steps of linear warm-up, then cosine to 0 at `steps`), `optim.LR_SCHEDULES`.
-  - label_smoothing: the training targets' mass spread evenly over all classes.
+  - label_smoothing: this much of the training target's mass spread evenly over all
+    classes (the logged training loss is the smoothed one; evaluation losses are not).
   - ema_decay: > 0 keeps an exponential moving average of the weights and BatchNorm
     statistics (decay min(ema_decay, (1 + t) / (10 + t)) at step t, so early steps
     are not dominated by the initial weights) and evaluates it instead of the raw ones.
