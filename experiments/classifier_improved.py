@@ -24,8 +24,8 @@ from cifarjax.train_classifier import evaluate_workdir, train
 PAPER = CLASSIFIER_PRESETS["paper"]
 IMPROVED = CLASSIFIER_PRESETS["improved"]
 
-# name: (what changes, the config's changes to `paper`). Every run keeps a weight average
-# (ema_decay), which its own rows may ignore: it does not change training.
+# name: (what changes, the config's changes to `paper`). The paper run keeps a weight average
+# (ema_decay) for the rows that score it, which does not change its training.
 RUNS = {
     "paper": ("the paper's recipe", {"ema_decay": IMPROVED.ema_decay}),
     "improved": ("all of crop, label smoothing, cosine, moving average, mirror averaging "
