@@ -83,6 +83,8 @@ def held_out_accuracy(run, weights, flip, quick):
 def run(out, quick=False, data=None, steps=1000, seeds=(0, 1), only=None) -> common.Section:
   names = [n for n in RUNS if not only or n in only]
   runs = train_runs(out, names, steps, seeds, data, quick)
+  steps = next(iter(runs.values())).config.steps  # --quick's, where quick
+  ema = f"ramped to {min(IMPROVED.ema_decay, (1 + steps) / (10 + steps)):.3f} by step {steps:,}"
   rows, baseline = [], None
   for row, name, weights, flip, how in ROWS:
     if name not in names:
@@ -91,15 +93,11 @@ def run(out, quick=False, data=None, steps=1000, seeds=(0, 1), only=None) -> com
     mean = float(np.mean(accs))
     baseline = mean if row == "paper" else baseline
     change = "" if baseline is None or row == "paper" else f"{100 * (mean - baseline):+.2f}"
-    steps_run = runs[name, seeds[0]].config.steps
-    ema = (f"ramped to {min(IMPROVED.ema_decay, (1 + steps_run) / (10 + steps_run)):.3f} by "
-           f"step {steps_run:,}")
     rows.append((row, (how or RUNS[name][0]).format(ema=ema), *(f"{100 * a:.2f}%" for a in accs),
                  f"{100 * mean:.2f}%", change))
   headers = ("variant", "what changes", *(f"seed {s}" for s in seeds), "mean", "vs paper (points)")
   return common.Section(
-      f"Classifier beyond the paper: {next(iter(runs.values())).config.steps:,} steps of batch "
-      f"{PAPER.batch_size}",
+      f"Classifier beyond the paper: {steps:,} steps of batch {PAPER.batch_size}",
       common.table(headers, rows), runs=list(runs.values()),
       notes=f"held-out top-1 at the last step, {len(seeds)} seed(s)")
 
