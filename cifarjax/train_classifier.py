@@ -86,7 +86,7 @@ def make_train_step(model: nn.Module, tx, mesh, config: ClassifierConfig = Class
     ema = state.ema
     if config.ema_decay:
       ema = ramped_ema_update(ema, {"params": params, "batch_stats": batch_stats}, state.step,
-                       config.ema_decay)
+                              config.ema_decay)
     state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                           opt_state=opt_state, ema=ema)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
@@ -156,6 +156,11 @@ def make_evaluate_split(model: nn.Module, mesh, batch_size: int, flip: bool = Fa
 WEIGHTS = ("raw", "ema")
 
 
+def evaluated_weights(config: ClassifierConfig) -> str:
+  """What a run evaluates: its moving average where it keeps one, else its raw weights."""
+  return "ema" if config.ema_decay else "raw"
+
+
 def weights_of(state: ClassifierState, weights: str):
   """(params, batch_stats) to evaluate: the trained ones ("raw") or their average ("ema")."""
   if weights == "raw":
@@ -212,7 +217,7 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
   def evaluate(state):
     out = {}
     for name, ((images, labels), n) in eval_sets.items():
-      result = evaluate_split(*weights_of(state, "ema" if config.ema_decay else "raw"),
+      result = evaluate_split(*weights_of(state, evaluated_weights(config)),
                               images, labels, n)
       out.update({f"{name}_accuracy": result["accuracy"], f"{name}_top5": result["top5"],
                   f"{name}_loss": result["loss"]})
@@ -233,7 +238,7 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
       "best_test_accuracy": best.get("test_accuracy"), "best_step": best.get("step"),
       "train_test_gap": (final_eval["train_accuracy"] - final_eval["test_accuracy"]
                          if final_eval else None),
-      "evaluated": {"weights": "ema" if config.ema_decay else "raw", "flip": config.eval_flip},
+      "evaluated": {"weights": evaluated_weights(config), "flip": config.eval_flip},
       "num_train": len(train_data), "num_test": len(test_data),
       "wall_seconds_this_call": seconds,
   }, mesh, plots.training_graph)
@@ -278,7 +283,7 @@ def evaluate_workdir(workdir, data: str | None = None, split: str = "test",
   mesh = mesh or mesh_lib.make_mesh()
   note(f"loading the classifier in {workdir}")
   model, state, config, class_names = load_trained(workdir, mesh, model)
-  weights = weights or ("ema" if config.ema_decay else "raw")
+  weights = weights or evaluated_weights(config)
   flip = config.eval_flip if flip is None else flip
   if weights == "ema" and state.ema is None:
     raise UserError(f"the run in {workdir} kept no weight average (its ema_decay is 0); "
