@@ -93,6 +93,7 @@ def test_train_step_averages_the_new_weights_and_statistics_and_trains_as_withou
     d = min(0.9, (1 + t) / (10 + t))
     new = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     want = jax.tree.map(lambda e, x: d * e + (1 - d) * x, want, new)
+    # The same three float32 operations per step on both sides, ordered differently: a few ulps.
     chex.assert_trees_all_close(state.ema, want, rtol=1e-5, atol=1e-6)
   # The raw weights are the ones trained without an average. The two programs differ (one has
   # more outputs), so XLA may fuse and round them differently, and Adam's g / |g| turns a
