@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifarjax.models.layers import (BatchNorm, DepthwiseConv, channel_sums, max_pool_2x2,
+from cifarjax.models.layers import (BatchNorm, ConvTranspose2x2, DepthwiseConv, GroupNorm,
+                                    channel_sums, image_channel_sums, max_pool_2x2,
                                     pointwise_conv, shifted_depthwise_conv, spatial_mean)
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -163,3 +164,72 @@ def test_batch_norm_gradient_through_its_statistics():
 
   want = via_stats(False)
   np.testing.assert_allclose(via_stats(True), want, rtol=0, atol=36 * 4 * EPS32 * np.abs(want).max())
+
+
+def test_image_channel_sums_equal_float64_sums_per_image():
+  rng = np.random.default_rng(6)
+  x = rng.normal(1.0, 2.0, (3, 6, 4, 5)).astype(np.float32)
+  (got,) = image_channel_sums(x)
+  chex.assert_shape(got, (3, 5))
+  terms = x.astype(np.float64)
+  bound = 24 * EPS32 * np.abs(terms).sum((1, 2))  # 6 * 4 terms per sum
+  assert np.all(np.abs(np.asarray(got) - terms.sum((1, 2))) <= bound)
+
+
+def test_conv_transpose_2x2_equals_nn_conv_transpose_with_the_same_parameters():
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
+  ours, theirs = ConvTranspose2x2(6), nn.ConvTranspose(6, (2, 2), strides=(2, 2))
+  params = theirs.init(jax.random.PRNGKey(0), x)
+  # same names, shapes and initial values: a run's parameters do not change with the layer
+  chex.assert_trees_all_equal(ours.init(jax.random.PRNGKey(0), x), params)
+  params = {"params": {"kernel": rng.normal(size=(2, 2, 5, 6)).astype(np.float32),
+                       "bias": rng.normal(size=6).astype(np.float32)}}
+  y = ours.apply(params, x)
+  chex.assert_shape(y, (2, 6, 8, 6))
+  # each output is 5 products plus the bias: within 6 eps of their magnitudes
+  magnitude = theirs.apply(jax.tree.map(np.abs, params), np.abs(x))
+  assert np.all(np.abs(y - theirs.apply(params, x)) <= 6 * EPS32 * magnitude)
+  # the kernel is flipped: output pixel (2i + a, 2j + b) is x[i, j] @ kernel[1 - a, 1 - b]
+  k, b = params["params"]["kernel"], params["params"]["bias"]
+  np.testing.assert_allclose(y[1, 2 * 2 + 0, 2 * 3 + 1], x[1, 2, 3] @ k[1, 0] + b, rtol=1e-5)
+  cotangent = rng.normal(size=y.shape).astype(np.float32)
+  grads = [jax.grad(lambda p, v: (m.apply(p, v) * cotangent).sum(), argnums=(0, 1))(params, x)
+           for m in (ours, theirs)]
+  # kernel gradients sum 2*3*4 = 24 products, input gradients 4 * 6 = 24
+  scale = jax.grad(lambda p, v: (theirs.apply(p, v) * np.abs(cotangent)).sum(), argnums=(0, 1))(
+      jax.tree.map(np.abs, params), np.abs(x))
+  for got, want, s in zip(*map(jax.tree.leaves, (grads[0], grads[1], scale))):
+    assert np.all(np.abs(got - want) <= 2 * 24 * EPS32 * s)
+
+
+@pytest.mark.parametrize("groups", [1, 3, 12])
+def test_group_norm_matches_flax_group_norm_in_outputs_and_gradients(groups):
+  rng = np.random.default_rng(8)
+  x = rng.normal(0.5, 2.0, (3, 6, 4, 12)).astype(np.float32)
+  cotangent = rng.normal(size=x.shape).astype(np.float32)
+  ours, theirs = GroupNorm(groups), nn.GroupNorm(num_groups=groups)
+  chex.assert_trees_all_equal(ours.init(jax.random.PRNGKey(0), x),
+                              theirs.init(jax.random.PRNGKey(0), x))
+  params = {"params": {"scale": np.linspace(0.5, 1.5, 12, dtype=np.float32),
+                       "bias": np.linspace(-1, 1, 12, dtype=np.float32)}}
+  # n = 6 * 4 * 12 / groups terms per statistic: within n * eps relative, as BatchNorm's
+  tolerance = 6 * 4 * 12 // groups * EPS32
+  for data in (x, x * 1e-3):  # at a variance near epsilon, a wrong epsilon shows
+    # float64 reference with flax's E[x^2] - E[x]^2 variance and epsilon 1e-6
+    grouped = data.astype(np.float64).reshape(3, 6, 4, groups, 12 // groups)
+    mean = grouped.mean((1, 2, 4), keepdims=True)
+    var = (grouped ** 2).mean((1, 2, 4), keepdims=True) - mean ** 2
+    want = (((grouped - mean) / np.sqrt(var + 1e-6)).reshape(x.shape)
+            * params["params"]["scale"] + params["params"]["bias"])
+    np.testing.assert_allclose(ours.apply(params, data), want, rtol=0,
+                               atol=tolerance * np.abs(want).max())
+  grads = [jax.grad(lambda p, v: (jnp.sin(m.apply(p, v)) * cotangent).sum(), argnums=(0, 1))(
+      params, x) for m in (ours, theirs)]
+  for got, want in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=2 * 6 * 4 * 12 * EPS32 * np.abs(want).max())
+
+
+def test_group_norm_refuses_channels_that_do_not_split_into_its_groups():
+  with pytest.raises(ValueError, match="12 channels do not split into 5 groups"):
+    GroupNorm(5).init(jax.random.PRNGKey(0), np.zeros((1, 2, 2, 12), np.float32))

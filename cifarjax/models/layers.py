@@ -7,9 +7,12 @@ XLA's per-op profile (docs/benchmarks.md has the numbers):
 - `DepthwiseConv`: k*k shifted multiply-adds instead of XLA:CPU's slow
   grouped convolution (other backends keep the convolution).
 - `pointwise_dot`: a 1x1 convolution whose gradients are matmuls, not
-  convolutions over transposed activations.
+  convolutions over transposed activations, and whose forward under
+  differentiation shares its input rows with the kernel's gradient.
 - `BatchNorm`, `channel_sums`: batch statistics and their gradients summed
-  in two stages, which XLA:CPU fuses with the products being summed.
+  in two stages, which XLA:CPU fuses with the products being summed, all
+  sums of one layer in one pass.
+- `ConvTranspose2x2`: a 2x2 stride-2 transposed convolution as one matmul.
 - `max_pool_2x2`, `spatial_mean`: a pool and a global average written as
   fused elementwise maxima and short sums.
 """
@@ -81,11 +84,9 @@ class DepthwiseConv(nn.Module):
 def pointwise_dot(x, kernel, *args, **kwargs):
   """A 1x1 convolution, stride 1, for `nn.Conv(conv_general_dilated=...)`, whose gradients are matmuls.
 
-  The forward pass stays a convolution (XLA lowers a 1x1 one to a matmul and
-  fuses it with its neighbours well). Its gradients are written as matmuls
-  over (N*H*W, C): as convolutions, XLA:CPU computes the weight gradient by
-  transposing the activations to (C, H, W, N) first, which dominated the
-  classifier's CPU train step.
+  Its gradients are written as matmuls over (N*H*W, C): as convolutions,
+  XLA:CPU computes the weight gradient by transposing the activations to
+  (C, H, W, N) first, which dominated the classifier's CPU train step.
   """
   del args, kwargs  # strides, padding, ...: all trivial for a 1x1 kernel with stride 1
   return _pointwise(x, kernel)
@@ -98,15 +99,21 @@ def _pointwise(x, kernel):
 
 
 def _pointwise_fwd(x, kernel):
-  return _pointwise(x, kernel), (x, kernel)
+  # Under differentiation the forward is a matmul over the same (N*H*W, C) rows
+  # that the kernel's gradient reads: as a convolution, XLA computed the input
+  # twice, once for each reader. Without gradients (inference), the convolution
+  # is faster: XLA fuses it with its neighbours.
+  rows = x.reshape(-1, x.shape[-1])
+  y = (rows @ kernel.reshape(kernel.shape[-2:])).reshape(*x.shape[:-1], kernel.shape[-1])
+  return y, (rows, kernel)
 
 
 def _pointwise_bwd(residuals, g):
-  x, kernel = residuals
+  rows, kernel = residuals
   matrix = kernel.reshape(kernel.shape[-2:])
   g_rows = g.reshape(-1, g.shape[-1])
-  dx = (g_rows @ matrix.T).reshape(x.shape)
-  dkernel = (x.reshape(-1, x.shape[-1]).T @ g_rows).reshape(kernel.shape)
+  dx = (g_rows @ matrix.T).reshape(*g.shape[:-1], rows.shape[-1])
+  dkernel = (rows.T @ g_rows).reshape(kernel.shape)
   return dx, dkernel
 
 
@@ -116,6 +123,31 @@ _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 def pointwise_conv(features: int, use_bias: bool = True) -> nn.Conv:
   """`nn.Conv(features, (1, 1), use_bias=use_bias)` computed through `pointwise_dot`."""
   return nn.Conv(features, (1, 1), use_bias=use_bias, conv_general_dilated=pointwise_dot)
+
+
+class ConvTranspose2x2(nn.Module):
+  """`nn.ConvTranspose(features, (2, 2), strides=(2, 2))`: same parameters, same results.
+
+  A 2x2 kernel at stride 2 never overlaps itself, so each input pixel's four
+  output pixels are one matmul row: (N*H*W, C) @ (C, 2*2*features), then each
+  row's four pixels moved into place. As a dilated convolution, XLA:CPU took
+  its kernel gradient at a fraction of the matmul's speed (the generator's
+  largest op). The kernel is flipped: flax's transposed convolution puts
+  kernel[1 - a, 1 - b] at output offset (a, b).
+  """
+  features: int
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    n, h, w, c = x.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, c, self.features))
+    matrix = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, 4 * self.features)
+    y = (x.reshape(-1, c) @ matrix).reshape(n, h, w, 2, 2, self.features)
+    y = y.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, self.features)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+    return y
 
 
 def max_pool_2x2(x):
@@ -137,12 +169,31 @@ def channel_sums(*arrays):
   that cannot absorb its elementwise producer, so `sum(x * y)` first writes
   x * y out in full. Summing over W first (a short reduction that fuses with
   its producer), then over the small rest, avoids that; the barrier keeps XLA
-  from merging the two stages back into one.
+  from merging the two stages back into one. The first stage is one variadic
+  reduction, so arrays computed from the same inputs (x and x * x; the nine
+  products of a 3x3 kernel's gradient) are summed in a single pass over them
+  rather than one pass each.
   """
   if jax.default_backend() != "cpu" or arrays[0].ndim != 4:
     return tuple(jnp.sum(a, axis=tuple(range(a.ndim - 1))) for a in arrays)
-  partial = lax.optimization_barrier(tuple(a.sum(axis=2) for a in arrays))
-  return tuple(p.sum(axis=(0, 1)) for p in partial)
+  return tuple(p.sum(axis=(0, 1)) for p in _sums_over_w(arrays))
+
+
+def image_channel_sums(*arrays):
+  """Per-image, per-channel sums over H and W of NHWC arrays (one (N, C) sum per
+  array), in two stages as `channel_sums`."""
+  if jax.default_backend() != "cpu":
+    return tuple(jnp.sum(a, axis=(1, 2)) for a in arrays)
+  return tuple(p.sum(axis=1) for p in _sums_over_w(arrays))
+
+
+def _sums_over_w(arrays):
+  zeros = tuple(jnp.zeros((), a.dtype) for a in arrays)
+  return lax.optimization_barrier(lax.reduce(tuple(arrays), zeros, _add_each, (2,)))
+
+
+def _add_each(a, b):
+  return tuple(x + y for x, y in zip(a, b))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -205,3 +256,65 @@ class BatchNorm(nn.Module):
       ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)
       ra_var.value = m * ra_var.value + (1 - m) * lax.stop_gradient(var)
     return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x, scale, bias, num_groups, epsilon):
+  """GroupNorm of NHWC x over H, W and each group of C // num_groups channels, as
+  `nn.GroupNorm` computes it (var = E[x^2] - E[x]^2)."""
+  return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
+
+
+def _group_stats(x, num_groups, epsilon):
+  """Per-image, per-channel mean and 1/std of x's group: two (N, C) arrays."""
+  n, h, w, c = x.shape
+  count = h * w * (c // num_groups)
+  s1, s2 = (s.reshape(n, num_groups, -1).sum(-1) for s in image_channel_sums(x, x * x))
+  mean = s1 / count
+  inv = lax.rsqrt(jnp.maximum(0.0, s2 / count - mean * mean) + epsilon)
+  expand = lambda a: jnp.repeat(a, c // num_groups, axis=1)
+  return expand(mean), expand(inv)
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
+  mean, inv = _group_stats(x, num_groups, epsilon)
+  y = (x - mean[:, None, None]) * (inv * scale)[:, None, None] + bias
+  return y, (x, scale, mean, inv)
+
+
+def _group_norm_bwd(num_groups, epsilon, residuals, g):
+  # With xhat = (x - mean) * inv and gh = g * scale:
+  # dx = inv * (gh - mean_group(gh) - xhat * mean_group(gh * xhat)). The
+  # per-image, per-channel sums of g and g * (x - mean) give every term.
+  del epsilon  # inside inv already
+  x, scale, mean, inv = residuals
+  n, h, w, c = x.shape
+  per_group = c // num_groups
+  centred = x - mean[:, None, None]
+  sum_g, sum_g_centred = image_channel_sums(g, g * centred)
+  group_mean = lambda a: jnp.repeat(a.reshape(n, num_groups, per_group).sum(-1), per_group,
+                                    axis=1) / (h * w * per_group)
+  mean_gh = group_mean(sum_g * scale)
+  mean_gh_xhat = group_mean(sum_g_centred * scale) * inv
+  dx = inv[:, None, None] * (g * scale - mean_gh[:, None, None]
+                             - centred * (inv * mean_gh_xhat)[:, None, None])
+  return dx, (sum_g_centred * inv).sum(0), sum_g.sum(0)
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+  """`nn.GroupNorm(num_groups, epsilon=1e-6)` over the last axis of NHWC maps (same
+  parameters, same results), its sums in one pass as `channel_sums`'."""
+  num_groups: int = 32
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
+    scale = self.param("scale", nn.initializers.ones, (channels,))
+    bias = self.param("bias", nn.initializers.zeros, (channels,))
+    return group_norm(x, scale, bias, self.num_groups, self.epsilon)

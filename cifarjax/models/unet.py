@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cifarjax.models.layers import DepthwiseConv, max_pool_2x2, pointwise_conv
+from cifarjax.models.layers import (ConvTranspose2x2, DepthwiseConv, GroupNorm, max_pool_2x2,
+                                    pointwise_conv)
 
 MAX_GROUPS = 8
 
@@ -33,7 +34,7 @@ def num_groups(channels: int, max_groups: int = MAX_GROUPS) -> int:
 
 
 def group_norm(channels: int, name=None):
-  return nn.GroupNorm(num_groups=num_groups(channels), name=name)
+  return GroupNorm(num_groups=num_groups(channels), name=name)
 
 
 class LabelEncoder(nn.Module):
@@ -151,9 +152,10 @@ class UNet(nn.Module):
         h = pointwise_conv(width)(max_pool_2x2(h))
       h = block()(h, t, labels)
       skips.append(h)
-    for level in reversed(range(len(widths) - 1)):
+    for i, level in enumerate(reversed(range(len(widths) - 1))):
       width = widths[level]
-      h = nn.ConvTranspose(width, (2, 2), strides=(2, 2))(h)
+      # named as the nn.ConvTranspose it replaces, so that checkpoints keep their names
+      h = ConvTranspose2x2(width, name=f"ConvTranspose_{i}")(h)
       h = jnp.concatenate([h, skips[level]], axis=-1)
       h = pointwise_conv(width)(h)  # concatenation doubled the channels; reduce them
       h = block()(h, t, labels)
