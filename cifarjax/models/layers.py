@@ -1,17 +1,17 @@
 """Layers that XLA compiles well on CPUs too, each equal to a standard one up to float rounding.
 
 Same parameters, same results; only the way XLA:CPU computes them differs.
-Each replaces a pattern that dominated the classifier's CPU train step in
-XLA's per-op profile (docs/benchmarks.md has the numbers):
+Each replaces a pattern that dominated the classifier's or the generator's
+CPU train step in XLA's per-op profile (docs/benchmarks.md has the numbers):
 
 - `DepthwiseConv`: k*k shifted multiply-adds instead of XLA:CPU's slow
   grouped convolution (other backends keep the convolution).
 - `pointwise_dot`: a 1x1 convolution whose gradients are matmuls, not
   convolutions over transposed activations, and whose forward under
   differentiation shares its input rows with the kernel's gradient.
-- `BatchNorm`, `channel_sums`: batch statistics and their gradients summed
-  in two stages, which XLA:CPU fuses with the products being summed, all
-  sums of one layer in one pass.
+- `BatchNorm`, `GroupNorm`, `channel_sums`, `image_channel_sums`: statistics
+  and their gradients summed in two stages, which XLA:CPU fuses with the
+  products being summed, all sums of one layer in one pass.
 - `ConvTranspose2x2`: a 2x2 stride-2 transposed convolution as one matmul.
 - `max_pool_2x2`, `spatial_mean`: a pool and a global average written as
   fused elementwise maxima and short sums.
@@ -140,6 +140,8 @@ class ConvTranspose2x2(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    if x.ndim != 4:
+      raise ValueError(f"ConvTranspose2x2 takes NHWC maps, got shape {x.shape}")
     n, h, w, c = x.shape
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, c, self.features))
     matrix = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, 4 * self.features)
@@ -163,7 +165,7 @@ def spatial_mean(x):
 
 
 def channel_sums(*arrays):
-  """Per-channel sums over all leading axes of NHWC arrays (one (C,) sum per array).
+  """Per-channel sums over all leading axes of NHWC arrays of one shape (one (C,) sum per array).
 
   On CPUs XLA rewrites a reduction over the batch axis into a `reduce-window`
   that cannot absorb its elementwise producer, so `sum(x * y)` first writes
@@ -259,9 +261,10 @@ class BatchNorm(nn.Module):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def group_norm(x, scale, bias, num_groups, epsilon):
+def group_norm_nhwc(x, scale, bias, num_groups, epsilon):
   """GroupNorm of NHWC x over H, W and each group of C // num_groups channels, as
-  `nn.GroupNorm` computes it (var = E[x^2] - E[x]^2)."""
+  `nn.GroupNorm` computes it: var = E[x^2] - E[x]^2, whose float32 rounding error,
+  like flax's, grows with E[x^2] / var where a group's mean is large next to its spread."""
   return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
 
 
@@ -283,8 +286,9 @@ def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
 
 
 def _group_norm_bwd(num_groups, epsilon, residuals, g):
-  # With xhat = (x - mean) * inv and gh = g * scale:
-  # dx = inv * (gh - mean_group(gh) - xhat * mean_group(gh * xhat)). The
+  # Written out so that its two full-size reductions run as one pass of
+  # `image_channel_sums`: with xhat = (x - mean) * inv and gh = g * scale,
+  # dx = inv * (gh - mean_group(gh) - xhat * mean_group(gh * xhat)), and the
   # per-image, per-channel sums of g and g * (x - mean) give every term.
   del epsilon  # inside inv already
   x, scale, mean, inv = residuals
@@ -301,20 +305,27 @@ def _group_norm_bwd(num_groups, epsilon, residuals, g):
   return dx, (sum_g_centred * inv).sum(0), sum_g.sum(0)
 
 
-group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+group_norm_nhwc.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 class GroupNorm(nn.Module):
-  """`nn.GroupNorm(num_groups, epsilon=1e-6)` over the last axis of NHWC maps (same
-  parameters, same results), its sums in one pass as `channel_sums`'."""
+  """`nn.GroupNorm(num_groups, epsilon=1e-6)` over the last axis of NHWC maps: same
+  parameters, same results up to float rounding.
+
+  flax's statistics and their autodiff gradients are reductions over H, W and a
+  group's channels, each a separate pass that XLA:CPU runs slowly; here the
+  forward's two sums are one pass and the backward's two another.
+  """
   num_groups: int = 32
   epsilon: float = 1e-6
 
   @nn.compact
   def __call__(self, x):
+    if x.ndim != 4:
+      raise ValueError(f"GroupNorm takes NHWC maps, got shape {x.shape}")
     channels = x.shape[-1]
     if channels % self.num_groups:
       raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
     scale = self.param("scale", nn.initializers.ones, (channels,))
     bias = self.param("bias", nn.initializers.zeros, (channels,))
-    return group_norm(x, scale, bias, self.num_groups, self.epsilon)
+    return group_norm_nhwc(x, scale, bias, self.num_groups, self.epsilon)
