@@ -268,15 +268,19 @@ def group_norm_nhwc(x, scale, bias, num_groups, epsilon):
   return _group_norm_fwd(x, scale, bias, num_groups, epsilon)[0]
 
 
+def _group_means(sums, num_groups, count):
+  """(N, C) per-channel sums -> each channel's group's mean over `count` terms, (N, C)."""
+  n, c = sums.shape
+  totals = sums.reshape(n, num_groups, c // num_groups).sum(-1)
+  return jnp.repeat(totals, c // num_groups, axis=1) / count
+
+
 def _group_stats(x, num_groups, epsilon):
   """Per-image, per-channel mean and 1/std of x's group: two (N, C) arrays."""
   n, h, w, c = x.shape
   count = h * w * (c // num_groups)
-  s1, s2 = (s.reshape(n, num_groups, -1).sum(-1) for s in image_channel_sums(x, x * x))
-  mean = s1 / count
-  inv = lax.rsqrt(jnp.maximum(0.0, s2 / count - mean * mean) + epsilon)
-  expand = lambda a: jnp.repeat(a, c // num_groups, axis=1)
-  return expand(mean), expand(inv)
+  mean, mean_sq = (_group_means(s, num_groups, count) for s in image_channel_sums(x, x * x))
+  return mean, lax.rsqrt(jnp.maximum(0.0, mean_sq - mean * mean) + epsilon)
 
 
 def _group_norm_fwd(x, scale, bias, num_groups, epsilon):
@@ -292,14 +296,12 @@ def _group_norm_bwd(num_groups, epsilon, residuals, g):
   # per-image, per-channel sums of g and g * (x - mean) give every term.
   del epsilon  # inside inv already
   x, scale, mean, inv = residuals
-  n, h, w, c = x.shape
-  per_group = c // num_groups
+  _, h, w, c = x.shape
+  count = h * w * (c // num_groups)
   centred = x - mean[:, None, None]
   sum_g, sum_g_centred = image_channel_sums(g, g * centred)
-  group_mean = lambda a: jnp.repeat(a.reshape(n, num_groups, per_group).sum(-1), per_group,
-                                    axis=1) / (h * w * per_group)
-  mean_gh = group_mean(sum_g * scale)
-  mean_gh_xhat = group_mean(sum_g_centred * scale) * inv
+  mean_gh = _group_means(sum_g * scale, num_groups, count)
+  mean_gh_xhat = _group_means(sum_g_centred * scale, num_groups, count) * inv
   dx = inv[:, None, None] * (g * scale - mean_gh[:, None, None]
                              - centred * (inv * mean_gh_xhat)[:, None, None])
   return dx, (sum_g_centred * inv).sum(0), sum_g.sum(0)
