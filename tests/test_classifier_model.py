@@ -1,4 +1,5 @@
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,3 +113,48 @@ def test_dropout_sits_before_the_last_two_expansion_blocks():
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
   for name in ("ExpandBlock_1", "ResidualBlock_4", "ExpandBlock_2", "ResidualBlock_7"):
     assert not np.allclose(a[name], b[name]), name
+
+
+def test_training_on_a_cpu_runs_batches_in_chunks_of_chunk_size():
+  model = paper_classifier(num_classes=10)
+  assert model.chunk_size == 64
+  assert model.num_chunks(256, train=True) == 4  # the tests run on CPU
+  assert model.num_chunks(256, train=False) == 1  # inference: the whole batch
+  assert model.num_chunks(100, train=True) == 1  # not a multiple of chunk_size
+  assert model.num_chunks(64, train=True) == 1
+  assert model.clone(chunk_size=0).num_chunks(256, train=True) == 1
+
+
+def test_chunks_train_the_same_model_and_custom_blocks_see_the_whole_batch():
+  """Chunked, every layer sees a chunk but BatchNorm's statistics are the whole batch's:
+  the same logits and running statistics as unchunked, up to the rounding of reordered
+  sums (float32 over 16 * 32 * 32 terms per channel; 9 normalisations in series, as in
+  tests/_step_agreement.py: 9 * sqrt(16384) * eps = 1.4e-4 relative; per-chunk
+  statistics instead would differ by ~10%). A block from `blocks` gets the whole batch."""
+  seen = []
+
+  class Recorder(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      seen.append(x.shape[0])
+      return x * self.param("gain", nn.initializers.ones, (x.shape[-1],))
+
+  model = Classifier(num_classes=10, stem_channels=8, bottleneck_ratio=2,
+                     layout=("residual", "pool", "expand", "record", "residual", "expand"),
+                     blocks={"record": Recorder}, chunk_size=4)
+  x = jax.random.normal(jax.random.PRNGKey(1), (16, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  seen.clear()
+  outputs = {}
+  for size in (4, 0):
+    logits, updates = model.clone(chunk_size=size).apply(variables, x, train=True,
+                                                        mutable=["batch_stats"])
+    chex.assert_shape(logits, (16, 10))
+    outputs[size] = (logits, updates["batch_stats"])
+  assert seen == [16, 16]
+  eps = float(np.finfo(np.float32).eps)
+  rtol = 9 * np.sqrt(16 * 32 * 32) * eps
+  (chunked, chunked_stats), (whole, whole_stats) = outputs[4], outputs[0]
+  np.testing.assert_allclose(chunked, whole, rtol=0, atol=rtol * np.abs(whole).max())
+  for got, want in zip(jax.tree.leaves(chunked_stats), jax.tree.leaves(whole_stats)):
+    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * np.abs(want).max())

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from cifarjax.models.layers import (BatchNorm, ConvTranspose2x2, DepthwiseConv, GroupNorm,
-                                    channel_sums, image_channel_sums, max_pool_2x2,
-                                    pointwise_conv, shifted_depthwise_conv, spatial_mean)
+                                    channel_sums, image_channel_sums, max_pool_2x2, merge_batch,
+                                    pointwise_conv, shifted_depthwise_conv, spatial_mean,
+                                    split_batch)
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -101,6 +102,18 @@ def test_max_pool_2x2_equals_nn_max_pool_with_its_gradient():
   np.testing.assert_array_equal(*grads)  # distinct inputs: each window's gradient goes to its max
 
 
+def test_split_batch_interleaves_examples_and_merge_batch_undoes_it():
+  x = np.arange(8 * 2 * 2 * 3, dtype=np.float32).reshape(8, 2, 2, 3)
+  chunks = split_batch(x, 4)
+  assert len(chunks) == 4
+  for j, chunk in enumerate(chunks):
+    # chunk j holds examples j, j + 4: a batch sharded over devices in contiguous
+    # blocks is then split within each device
+    np.testing.assert_array_equal(chunk, x[j::4])
+  np.testing.assert_array_equal(merge_batch(chunks), x)
+  assert split_batch(x, 1)[0] is x and merge_batch((x,)) is x
+
+
 def _batch_norm_reference(x, scale, bias, eps):
   """float64 BatchNorm over all but the last axis, with flax's E[x^2] - E[x]^2 variance."""
   x = x.astype(np.float64)
@@ -109,7 +122,10 @@ def _batch_norm_reference(x, scale, bias, eps):
   return (x - mean) / np.sqrt(var + eps) * scale + bias, mean, var
 
 
-def test_batch_norm_matches_flax_batch_norm_in_outputs_running_stats_and_gradients():
+@pytest.mark.parametrize("num_chunks", [None, 1, 4])
+def test_batch_norm_matches_flax_batch_norm_in_outputs_running_stats_and_gradients(num_chunks):
+  """num_chunks: ours gets the batch as that many chunks (`split_batch`), None: as one array;
+  its statistics are those of the whole batch either way."""
   rng = np.random.default_rng(4)
   x = rng.normal(0.5, 2.0, (16, 6, 6, 5)).astype(np.float32)
   cotangent = rng.normal(size=x.shape).astype(np.float32)
@@ -123,7 +139,12 @@ def test_batch_norm_matches_flax_batch_norm_in_outputs_running_stats_and_gradien
                                                 theirs.init(jax.random.PRNGKey(0), x))
 
   def loss(module, params, x):
-    y, updates = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+    chunked = module is ours and num_chunks
+    y, updates = module.apply({**variables, "params": params},
+                              split_batch(x, num_chunks) if chunked else x, mutable=["batch_stats"])
+    if chunked:
+      assert isinstance(y, tuple) and len(y) == num_chunks
+      y = merge_batch(y)
     return (jnp.sin(y) * cotangent).sum(), (y, updates["batch_stats"])
 
   results = [jax.grad(lambda p, v: loss(m, p, v), argnums=(0, 1), has_aux=True)(

@@ -40,7 +40,7 @@ def one_and_eight(tmp_path_factory):
   return run
 
 
-def test_classifier_step_on_1_and_8_devices_agree(one_and_eight):
+def test_classifier_step_on_1_device_and_on_8_devices_in_2_chunks_agree(one_and_eight):
   from cifarjax.config import ClassifierConfig
   from cifarjax.models.classifier import BN_MOMENTUM
   one, eight = one_and_eight("classifier")

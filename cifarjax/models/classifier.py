@@ -21,8 +21,10 @@ own magnitude) turns into full-size steps that differ between 1 and 8 devices.
 from typing import Callable, Mapping, Sequence
 
 import flax.linen as nn
+import jax
 
-from cifarjax.models.layers import BatchNorm, DepthwiseConv, max_pool_2x2, pointwise_conv, spatial_mean
+from cifarjax.models.layers import (BatchNorm, DepthwiseConv, as_chunks, each, like, max_pool_2x2,
+                                    merge_batch, pointwise_conv, spatial_mean, split_batch)
 
 BN_MOMENTUM = 0.9  # PyTorch momentum=0.1
 BN_EPSILON = 1e-5
@@ -34,16 +36,20 @@ def batch_norm(train: bool, name=None):
 
 
 class ExpandBlock(nn.Module):
-  """Doubles the channels: conv (kernel_size) -> BatchNorm -> ReLU."""
+  """Doubles the channels: conv (kernel_size) -> BatchNorm -> ReLU.
+
+  Takes NHWC maps, or a tuple of batch chunks of them (`Classifier.chunk_size`),
+  and returns the same kind.
+  """
   kernel_size: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
-    k, features = self.kernel_size, 2 * x.shape[-1]
+    chunks = as_chunks(x)
+    k, features = self.kernel_size, 2 * chunks[0].shape[-1]
     conv = (pointwise_conv(features, use_bias=False) if k == 1 else
             nn.Conv(features, (k, k), padding="SAME", use_bias=False))
-    x = conv(x)
-    return nn.relu(batch_norm(train)(x))
+    return like(x, each(nn.relu, batch_norm(train)(each(conv, chunks))))
 
 
 class ResidualBlock(nn.Module):
@@ -51,22 +57,24 @@ class ResidualBlock(nn.Module):
 
   1x1 conv down to channels/bottleneck_ratio, BN, ReLU; depthwise 3x3 then
   pointwise 1x1 (a depthwise-separable conv), BN, ReLU; 1x1 conv back up, BN;
-  add the input; ReLU.
+  add the input; ReLU. Takes NHWC maps, or a tuple of batch chunks of them, and
+  returns the same kind.
   """
   bottleneck_ratio: int = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
-    channels = x.shape[-1]
+    chunks = as_chunks(x)
+    channels = chunks[0].shape[-1]
     width = channels // self.bottleneck_ratio
-    h = pointwise_conv(width, use_bias=False)(x)
-    h = nn.relu(batch_norm(train)(h))
-    h = DepthwiseConv(3, use_bias=False)(h)
-    h = pointwise_conv(width, use_bias=False)(h)  # pointwise half of the separable conv
-    h = nn.relu(batch_norm(train)(h))
-    h = pointwise_conv(channels, use_bias=False)(h)
+    h = each(pointwise_conv(width, use_bias=False), chunks)
+    h = each(nn.relu, batch_norm(train)(h))
+    h = each(DepthwiseConv(3, use_bias=False), h)
+    h = each(pointwise_conv(width, use_bias=False), h)  # pointwise half of the separable conv
+    h = each(nn.relu, batch_norm(train)(h))
+    h = each(pointwise_conv(channels, use_bias=False), h)
     h = batch_norm(train)(h)
-    return nn.relu(x + h)
+    return like(x, tuple(nn.relu(c + hc) for c, hc in zip(chunks, h)))
 
 
 class Classifier(nn.Module):
@@ -79,8 +87,16 @@ class Classifier(nn.Module):
 
   blocks: extra (or replacement) layout tokens, each mapped to a module class
   (or any zero-argument factory, such as a `functools.partial`) whose instances
-  are called `block(x, train)`; e.g. `blocks={"fire": FireBlock}` with
-  "fire" in the layout. Parameters are named after the class (FireBlock_0, ...).
+  are called `block(x, train)` on the whole batch; e.g. `blocks={"fire": FireBlock}`
+  with "fire" in the layout. Parameters are named after the class (FireBlock_0, ...).
+
+  chunk_size: training on a CPU runs a batch of a multiple of chunk_size images
+  as chunks of that many, layer by layer, BatchNorm's statistics taken over all
+  of them (`layers.split_batch`): XLA runs independent chunks on different cores,
+  and a chunk's maps stay in the CPU's cache from one layer to the next (the
+  train step 0.8x the time at batch 256, docs/benchmarks.md). The same model up
+  to float rounding; 0 runs the whole batch at once. Other backends, and
+  inference, always run the whole batch.
   """
   num_classes: int = 100
   stem_channels: int = 32
@@ -91,32 +107,43 @@ class Classifier(nn.Module):
   dropout_rate: float = 0.0
   dropout_before_last_expands: int = 2
   blocks: Mapping[str, Callable[[], nn.Module]] | None = None
+  chunk_size: int = 64
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     """images: float (B, H, W, 3), already normalised. Returns logits (B, num_classes)."""
+    num_chunks = self.num_chunks(images.shape[0], train)
     k = self.stem_kernel
-    x = nn.Conv(self.stem_channels, (k, k), padding="SAME", use_bias=False)(images)
-    x = nn.relu(batch_norm(train)(x))
+    stem = nn.Conv(self.stem_channels, (k, k), padding="SAME", use_bias=False)
+    x = each(nn.relu, batch_norm(train)(each(stem, split_batch(images, num_chunks))))
     num_expands = sum(token == "expand" for token in self.layout)
     expands_seen = 0
     for token in self.layout:
       if self.blocks and token in self.blocks:
-        x = self.blocks[token]()(x, train)
+        x = split_batch(self.blocks[token]()(merge_batch(x), train), num_chunks)
       elif token == "expand":
         if self.dropout_rate and expands_seen >= num_expands - self.dropout_before_last_expands:
-          x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+          # on the whole batch: the same masks, chunked or not
+          dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
+          x = split_batch(dropout(merge_batch(x)), num_chunks)
         expands_seen += 1
         x = ExpandBlock(self.expand_kernel)(x, train)
       elif token == "residual":
         x = ResidualBlock(self.bottleneck_ratio)(x, train)
       elif token == "pool":
-        x = max_pool_2x2(x)
+        x = each(max_pool_2x2, x)
       else:
         extra = "".join(f", {k}" for k in self.blocks or ())
         raise ValueError(f"unknown layout token {token!r}; expected expand, residual, pool{extra}")
-    x = spatial_mean(x)
-    return nn.Dense(self.num_classes)(x)
+    head = nn.Dense(self.num_classes)
+    return merge_batch(each(lambda c: head(spatial_mean(c)), x))
+
+  def num_chunks(self, batch_size: int, train: bool) -> int:
+    """How many chunks a batch runs as (see chunk_size)."""
+    if (not train or not self.chunk_size or batch_size % self.chunk_size
+        or jax.default_backend() != "cpu"):
+      return 1
+    return batch_size // self.chunk_size
 
 
 PAPER_LAYOUT = ("residual", "residual", "expand", "residual", "residual", "pool",

@@ -198,20 +198,65 @@ def _add_each(a, b):
   return tuple(x + y for x, y in zip(a, b))
 
 
+def split_batch(x, num_chunks: int):
+  """x (B, ...) as a tuple of num_chunks arrays of B // num_chunks examples each.
+
+  Interleaved (chunk j holds examples j, j + num_chunks, ...): a batch split over
+  devices in contiguous blocks is then split within each device, so no chunk
+  moves between devices.
+  """
+  if num_chunks == 1:
+    return (x,)
+  x = x.reshape(x.shape[0] // num_chunks, num_chunks, *x.shape[1:])
+  return tuple(x[:, j] for j in range(num_chunks))
+
+
+def merge_batch(chunks):
+  """The batch that `split_batch` split into chunks."""
+  if len(chunks) == 1:
+    return chunks[0]
+  stacked = jnp.stack(chunks, axis=1)
+  return stacked.reshape(-1, *stacked.shape[2:])
+
+
+def each(fn, chunks):
+  """fn applied to every chunk of a batch."""
+  return tuple(fn(c) for c in chunks)
+
+
+def as_chunks(x):
+  """x as a tuple of batch chunks: x itself if it is a tuple or list of them, else (x,)."""
+  return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def like(x, chunks):
+  """chunks returned in x's kind: the tuple where x was chunks, else its one array."""
+  return tuple(chunks) if isinstance(x, (tuple, list)) else chunks[0]
+
+
+def _summed_over_chunks(sums_per_chunk):
+  return tuple(functools.reduce(jnp.add, sums) for sums in zip(*sums_per_chunk))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm_train(x, scale, bias, epsilon):
-  """BatchNorm with batch statistics: (y, mean, var), var = E[x^2] - E[x]^2 as flax computes it."""
+  """BatchNorm with batch statistics: (y, mean, var), var = E[x^2] - E[x]^2 as flax computes it.
+
+  x: NHWC maps, or a tuple of batch chunks of them (`split_batch`), whose
+  statistics are taken over all chunks together; y is then a tuple too.
+  """
   return _batch_norm_fwd(x, scale, bias, epsilon)[0]
 
 
 def _batch_norm_fwd(x, scale, bias, epsilon):
-  n = x.size // x.shape[-1]
-  s1, s2 = channel_sums(x, x * x)
+  chunks = as_chunks(x)
+  n = sum(c.size // c.shape[-1] for c in chunks)
+  s1, s2 = _summed_over_chunks(channel_sums(c, c * c) for c in chunks)
   mean = s1 / n
   var = jnp.maximum(0.0, s2 / n - mean * mean)
   inv = lax.rsqrt(var + epsilon)
-  y = (x - mean) * (inv * scale) + bias
-  return (y, mean, var), (x, mean, inv, scale)
+  y = each(lambda c: (c - mean) * (inv * scale) + bias, chunks)
+  return (like(x, y), mean, var), (x, mean, inv, scale)
 
 
 def _batch_norm_bwd(epsilon, residuals, cotangents):
@@ -220,13 +265,15 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
   del epsilon  # inside inv already
   x, mean, inv, scale = residuals
   g, g_mean, g_var = cotangents
-  n = x.size // x.shape[-1]
-  centred = x - mean
-  sum_g, sum_g_centred = channel_sums(g, g * centred)
+  chunks, g_chunks = as_chunks(x), as_chunks(g)
+  n = sum(c.size // c.shape[-1] for c in chunks)
+  sum_g, sum_g_centred = _summed_over_chunks(
+      channel_sums(gc, gc * (c - mean)) for c, gc in zip(chunks, g_chunks))
   a = inv * scale
-  dx = (a * g + (g_mean - a * sum_g) / n
-        + centred * ((2 * g_var - a * inv * inv * sum_g_centred) / n))
-  return dx, sum_g_centred * inv, sum_g
+  shift = (g_mean - a * sum_g) / n
+  slope = (2 * g_var - a * inv * inv * sum_g_centred) / n
+  dx = tuple(a * gc + shift + (c - mean) * slope for c, gc in zip(chunks, g_chunks))
+  return like(x, dx), sum_g_centred * inv, sum_g
 
 
 batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
@@ -237,7 +284,8 @@ class BatchNorm(nn.Module):
 
   In training its reductions go through `channel_sums`, forward and backward.
   Running statistics: `ra = momentum * ra + (1 - momentum) * batch`, with the
-  batch variance biased (divided by n), as flax's.
+  batch variance biased (divided by n), as flax's. Takes NHWC maps, or a tuple
+  of batch chunks of them (statistics over all chunks; returns a tuple).
   """
   use_running_average: bool = False
   momentum: float = 0.99
@@ -245,14 +293,16 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    features = x.shape[-1]
+    chunks = as_chunks(x)
+    features = chunks[0].shape[-1]
     scale = self.param("scale", nn.initializers.ones, (features,))
     bias = self.param("bias", nn.initializers.zeros, (features,))
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,))
     if self.use_running_average:
-      return (x - ra_mean.value) * (lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
-    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+      a = lax.rsqrt(ra_var.value + self.epsilon) * scale
+      return like(x, each(lambda c: (c - ra_mean.value) * a + bias, chunks))
+    y, mean, var = batch_norm_train(like(x, chunks), scale, bias, self.epsilon)
     if not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)
