@@ -92,11 +92,10 @@ class Classifier(nn.Module):
 
   chunk_size: training on a CPU runs a batch of a multiple of chunk_size images
   as chunks of that many, layer by layer, BatchNorm's statistics taken over all
-  of them (`layers.split_batch`): XLA runs independent chunks on different cores,
-  and a chunk's maps stay in the CPU's cache from one layer to the next (the
-  train step 0.8x the time at batch 256, docs/benchmarks.md). The same model up
-  to float rounding; 0 runs the whole batch at once. Other backends, and
-  inference, always run the whole batch.
+  of them (`layers.split_batch`): XLA:CPU runs independent chunks on different
+  cores, where one op at a time used them poorly (docs/benchmarks.md). The same
+  model up to float rounding; 0 runs the whole batch at once. Other backends,
+  and inference, always run the whole batch.
   """
   num_classes: int = 100
   stem_channels: int = 32
