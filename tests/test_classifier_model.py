@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifarjax.models import Classifier, count_params, paper_classifier
+from cifarjax.models import Classifier, ExpandBlock, ResidualBlock, count_params, paper_classifier
 
 
 def _init(model, batch=2):
@@ -158,3 +158,17 @@ def test_chunks_train_the_same_model_and_custom_blocks_see_the_whole_batch():
   np.testing.assert_allclose(chunked, whole, rtol=0, atol=rtol * np.abs(whole).max())
   for got, want in zip(jax.tree.leaves(chunked_stats), jax.tree.leaves(whole_stats)):
     np.testing.assert_allclose(got, want, rtol=0, atol=rtol * np.abs(want).max())
+
+
+def test_blocks_take_an_array_or_a_tuple_of_chunks_and_return_the_same_kind():
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 6))
+  for block, channels in ((ResidualBlock(bottleneck_ratio=2), 6), (ExpandBlock(), 12)):
+    variables = block.init(jax.random.PRNGKey(0), x, train=False)
+    y = block.apply(variables, x, train=False)
+    chunks = block.apply(variables, (x[:2], x[2:]), train=False)
+    assert isinstance(y, jax.Array) and isinstance(chunks, tuple) and len(chunks) == 2
+    chex.assert_shape(y, (4, 8, 8, channels))
+    # inference: running statistics, so a chunk's result is that of its examples alone
+    # (same shapes, same program: exactly)
+    for chunk, alone in zip(chunks, (x[:2], x[2:])):
+      np.testing.assert_array_equal(chunk, block.apply(variables, alone, train=False))
