@@ -16,8 +16,8 @@ Writes DIR/<model>-<devices>.npz with
   ema_params/<path>  (diffusion) the EMA parameters after the step.
 
 classifier: the paper classifier with dropout on; on 8 devices it also runs the batch as two
-chunks of 8 (`Classifier.chunk_size`, which on CPUs does so at batch 256), which again only
-reorders sums, so one comparison covers both. diffusion: a tiny U-Net
+chunks of 8 (`Classifier.chunk_size`; by default training on CPUs runs 4 chunks of 64 at batch
+256), which again only reorders sums, so one comparison covers both. diffusion: a tiny U-Net
 generator (the same code path as the paper's, with label dropout on so that it is exercised).
 """
 

@@ -123,15 +123,18 @@ def test_training_on_a_cpu_runs_batches_in_chunks_of_chunk_size():
   assert model.num_chunks(100, train=True) == 1  # not a multiple of chunk_size
   assert model.num_chunks(64, train=True) == 1
   assert model.clone(chunk_size=0).num_chunks(256, train=True) == 1
+  with pytest.raises(ValueError, match="chunk_size must be 0"):
+    model.clone(chunk_size=-64).num_chunks(256, train=True)
 
 
 def test_chunks_train_the_same_model_and_custom_blocks_see_the_whole_batch():
-  """Chunked, every layer sees a chunk but BatchNorm's statistics are the whole batch's:
-  the same logits and running statistics as unchunked, up to the rounding of reordered
-  sums (float32 over 16 * 32 * 32 terms per channel; 9 normalisations in series, as in
-  tests/_step_agreement.py: 9 * sqrt(16384) * eps = 1.4e-4 relative; per-chunk
-  statistics instead would differ by ~10%). A block from `blocks` gets the whole batch."""
-  seen = []
+  """Chunked, every block gets the chunks but BatchNorm's statistics are the whole batch's
+  and dropout's masks are drawn for the whole batch: the same logits and running statistics
+  as unchunked, up to the rounding of reordered sums (float32 over 16 * 32 * 32 terms per
+  channel; 9 normalisations in series, as in tests/_step_agreement.py: 9 * sqrt(16384) * eps
+  = 1.4e-4 relative; per-chunk statistics or masks would differ by ~10%). A block from
+  `blocks` gets the whole batch."""
+  seen, chunks_in = [], []
 
   class Recorder(nn.Module):
     @nn.compact
@@ -139,19 +142,27 @@ def test_chunks_train_the_same_model_and_custom_blocks_see_the_whole_batch():
       seen.append(x.shape[0])
       return x * self.param("gain", nn.initializers.ones, (x.shape[-1],))
 
+  def count_chunks(next_fun, args, kwargs, context):
+    if isinstance(context.module, ExpandBlock) and context.method_name == "__call__":
+      chunks_in.append(len(args[0]))
+    return next_fun(*args, **kwargs)
+
   model = Classifier(num_classes=10, stem_channels=8, bottleneck_ratio=2,
                      layout=("residual", "pool", "expand", "record", "residual", "expand"),
-                     blocks={"record": Recorder}, chunk_size=4)
+                     blocks={"record": Recorder}, dropout_rate=0.3, chunk_size=4)
   x = jax.random.normal(jax.random.PRNGKey(1), (16, 32, 32, 3))
   variables = model.init(jax.random.PRNGKey(0), x)
   seen.clear()
   outputs = {}
   for size in (4, 0):
-    logits, updates = model.clone(chunk_size=size).apply(variables, x, train=True,
-                                                        mutable=["batch_stats"])
+    with nn.intercept_methods(count_chunks):
+      logits, updates = model.clone(chunk_size=size).apply(
+          variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)},
+          mutable=["batch_stats"])
     chex.assert_shape(logits, (16, 10))
     outputs[size] = (logits, updates["batch_stats"])
   assert seen == [16, 16]
+  assert chunks_in == [4, 4, 1, 1]  # both expansion blocks, chunked then not
   eps = float(np.finfo(np.float32).eps)
   rtol = 9 * np.sqrt(16 * 32 * 32) * eps
   (chunked, chunked_stats), (whole, whole_stats) = outputs[4], outputs[0]

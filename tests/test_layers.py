@@ -112,6 +112,8 @@ def test_split_batch_interleaves_examples_and_merge_batch_undoes_it():
     np.testing.assert_array_equal(chunk, x[j::4])
   np.testing.assert_array_equal(merge_batch(chunks), x)
   assert split_batch(x, 1)[0] is x and merge_batch((x,)) is x
+  with pytest.raises(ValueError, match="cannot split a batch of 8 into 3 equal chunks"):
+    split_batch(x, 3)
 
 
 def _batch_norm_reference(x, scale, bias, eps):

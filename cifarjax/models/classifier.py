@@ -93,9 +93,10 @@ class Classifier(nn.Module):
   chunk_size: training on a CPU runs a batch of a multiple of chunk_size images
   as chunks of that many, layer by layer, BatchNorm's statistics taken over all
   of them (`layers.split_batch`): XLA:CPU runs independent chunks on different
-  cores, where one op at a time used them poorly (docs/benchmarks.md). The same
-  model up to float rounding; 0 runs the whole batch at once. Other backends,
-  and inference, always run the whole batch.
+  cores, where one op at a time used them poorly (docs/benchmarks.md); the
+  train step then takes about twice as long to compile. The same model up to
+  float rounding; 0 runs the whole batch at once. Other backends, and
+  inference, always run the whole batch.
   """
   num_classes: int = 100
   stem_channels: int = 32
@@ -139,6 +140,8 @@ class Classifier(nn.Module):
 
   def num_chunks(self, batch_size: int, train: bool) -> int:
     """How many chunks a batch runs as (see chunk_size)."""
+    if self.chunk_size < 0:
+      raise ValueError(f"chunk_size must be 0 (no chunks) or positive, got {self.chunk_size}")
     if (not train or not self.chunk_size or batch_size % self.chunk_size
         or jax.default_backend() != "cpu"):
       return 1
