@@ -305,7 +305,7 @@ class BatchNorm(nn.Module):
     if self.use_running_average:
       a = lax.rsqrt(ra_var.value + self.epsilon) * scale
       return like(x, each(lambda c: (c - ra_mean.value) * a + bias, chunks))
-    y, mean, var = batch_norm_train(like(x, chunks), scale, bias, self.epsilon)
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
     if not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)
