@@ -75,6 +75,7 @@ CLASSIFIER_PRESETS = {
     "aug-noise": ClassifierConfig(augment=_NOISE_AUG),
     "aug-jitter": ClassifierConfig(augment=_JITTER_AUG),
     "improved": ClassifierConfig(augment=AugmentConfig(hflip_prob=0.5, crop_prob=1.0),
+                                 optimizer="adamw", weight_decay=0.05,
                                  lr_schedule="cosine", warmup_steps=100, label_smoothing=0.1,
                                  ema_decay=0.999, eval_flip=True),
 }

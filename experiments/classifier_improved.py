@@ -28,7 +28,7 @@ IMPROVED = CLASSIFIER_PRESETS["improved"]
 # (ema_decay) for the rows that score it, which does not change its training.
 RUNS = {
     "paper": ("the paper's recipe", {"ema_decay": IMPROVED.ema_decay}),
-    "improved": ("all of crop, label smoothing, cosine, moving average, mirror averaging "
+    "improved": ("all of crop, label smoothing, cosine, AdamW, moving average, mirror averaging "
                  "(the `improved` preset)", {}),
     "crop": ("random crop, zero-padded by 4 (every image) + flip",
              {"augment": AugmentConfig(hflip_prob=0.5, crop_prob=1.0)}),

@@ -120,8 +120,9 @@ def test_improved_preset_changes_only_what_it_says():
   paper, improved = CLASSIFIER_PRESETS["paper"], CLASSIFIER_PRESETS["improved"]
   changed = {f.name for f in dataclasses.fields(paper)
              if getattr(paper, f.name) != getattr(improved, f.name)}
-  assert changed == {"augment", "lr_schedule", "warmup_steps", "label_smoothing", "ema_decay",
-                     "eval_flip"}
+  assert changed == {"augment", "optimizer", "weight_decay", "lr_schedule", "warmup_steps",
+                     "label_smoothing", "ema_decay", "eval_flip"}
+  assert (improved.optimizer, improved.weight_decay) == ("adamw", 0.05)
   assert (improved.model, improved.steps, improved.batch_size) == ("paper", 10_000, 256)
   assert improved.augment.crop_prob == 1.0 and improved.augment.crop_padding == 4
   assert paper == ClassifierConfig()
