@@ -17,7 +17,6 @@ import pathlib
 import numpy as np
 
 import common
-from cifarjax.augment import AugmentConfig
 from cifarjax.config import CLASSIFIER_PRESETS
 from cifarjax.train_classifier import evaluate_workdir, train
 
@@ -31,13 +30,13 @@ RUNS = {
     "improved": ("all of crop, label smoothing, cosine, AdamW, moving average, mirror averaging "
                  "(the `improved` preset)", {}),
     "crop": ("random crop, zero-padded by 4 (every image) + flip",
-             {"augment": AugmentConfig(hflip_prob=0.5, crop_prob=1.0)}),
+             {"augment": IMPROVED.augment}),
     "label-smoothing": (f"label smoothing {IMPROVED.label_smoothing}",
                         {"label_smoothing": IMPROVED.label_smoothing}),
     "cosine": (f"{IMPROVED.warmup_steps}-step warm-up, cosine decay to 0",
                {"lr_schedule": "cosine", "warmup_steps": IMPROVED.warmup_steps}),
     "adamw": ("AdamW, decoupled weight decay 0.05 (instead of L2 5e-5)",
-              {"optimizer": "adamw", "weight_decay": 0.05}),
+              {"optimizer": IMPROVED.optimizer, "weight_decay": IMPROVED.weight_decay}),
 }
 # Table rows: (row, run, weights evaluated, mirror averaging, what it shows).
 ROWS = [
