@@ -1,0 +1,238 @@
+"""Beyond the paper: the generator's `improved` preset and each of its changes alone against
+`paper`, at equal training steps; FID of each with DDPM (all T steps), DDIM and DPM-Solver++(2M)
+at 10, 20 and 50 steps, from the moving average and from the raw weights, and with
+classifier-free guidance where a run learned the null label.
+
+  python experiments/generator_improved.py --data ../shared/data/cifar10-jpeg-train.zip \
+      --out runs/generator-improved --fid-weights pt_inception-2015-12-05.npz \
+      [--steps 50000 | --train-seconds S] [--budget-s B] [--num 10000] [--only paper improved]
+
+--train-seconds trains the first run for at most S seconds (it checkpoints and stops, as on
+Ctrl-C) and every other run for the steps it reached: all compare at equal steps within a time
+budget (`accelerator_run.sh` does this). --budget-s skips each FID that would end more than B
+seconds after the start, by the speed of the ones before it; the table says "not measured" there.
+The FIDs go most telling first: DPM-Solver++ and DDIM at 20 steps for every run, the raw
+weights, guidance, 10 and 50 steps, and DDPM's 1,000 steps last (50 times a 20-step FID's
+sampling). The Frechet distances take their matrix square root by `eigh` (seconds; scipy's sqrtm,
+pytorch-fid's way, takes a minute per FID on a small CPU and agrees to ~3e-7 relative). Every FID
+samples with the same seed (the same noise for every run, so the
+differences between runs carry less sampling noise) and is kept in OUT/fid.jsonl, which a
+later call reuses; every run resumes in OUT/<run>.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import threading
+import time
+
+import common
+from cifarjax.config import DIFFUSION_PRESETS
+from cifarjax.errors import Interrupted
+
+PAPER, IMPROVED = DIFFUSION_PRESETS["paper"], DIFFUSION_PRESETS["improved"]
+
+# name: (what changes, the config's changes to `paper`; None: the improved preset).
+RUNS = {
+    "paper": ("the paper's recipe: eps prediction, unweighted loss, no label dropout", {}),
+    "improved": (f"v-prediction, min-SNR-{IMPROVED.min_snr_gamma:g} weighting, label dropout "
+                 f"{IMPROVED.label_dropout} (the `improved` preset)", None),
+    "v-prediction": ("v-prediction", {"prediction": IMPROVED.prediction}),
+    "min-snr": (f"min-SNR-{IMPROVED.min_snr_gamma:g} loss weighting",
+                {"loss_weighting": IMPROVED.loss_weighting,
+                 "min_snr_gamma": IMPROVED.min_snr_gamma}),
+    "label-dropout": (f"label dropout {IMPROVED.label_dropout} (what guidance needs)",
+                      {"label_dropout": IMPROVED.label_dropout}),
+    "sigmoid-blog": ("the blog's sigmoid betas instead of RIN's sigmoid schedule",
+                     {"schedule": "sigmoid-blog"}),
+    "train+test": ("trained on the held-out (or test) images too, as the paper's final model",
+                   {"train_on": "train+test"}),
+}
+SAMPLERS = (("ddpm", None), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpm++2m", 10),
+            ("dpm++2m", 20), ("dpm++2m", 50))  # the table's columns
+GUIDANCE = (0.5, 1.0, 2.0)  # output = (1 + w) conditional - w unconditional
+FID_SEED = 0
+
+
+def run_config(name, steps, data, quick, steps_per_call=1, unet=None):
+  changes = RUNS[name][1]
+  base = IMPROVED if changes is None else dataclasses.replace(PAPER, **changes)
+  config = common.quick_config(base, quick, data, common.QUICK_DIFFUSION)
+  return dataclasses.replace(config, steps=steps, steps_per_call=steps_per_call,
+                             unet=unet or config.unet)
+
+
+def cells(names, configs):
+  """(run, weights, guidance, sampler, sampler steps) of every FID, most telling first."""
+  main = [(n, "ema", 0.0) for n in names]
+  order = [(*r, "dpm++2m", 20) for r in main] + [(*r, "ddim", 20) for r in main]
+  order += [(n, "raw", 0.0, "dpm++2m", 20) for n in names]
+  order += [(n, "ema", g, "dpm++2m", 20) for n in names if configs[n].label_dropout
+            for g in GUIDANCE]
+  order += [(*r, s, k) for k in (10, 50) for s in ("dpm++2m", "ddim") for r in main]
+  return order + [(*r, "ddpm", None) for r in main]
+
+
+def train_for(config, workdir, seconds=None) -> int:
+  """Trains (or resumes) a run; with `seconds`, stops it after that long as Ctrl-C does
+  (the loop checkpoints at the next step). Returns the step the run reached."""
+  from cifarjax.train_diffusion import train
+  done = threading.Event()
+
+  def ctrl_c():  # once the training loop's own Ctrl-C handler is in place
+    while not done.is_set():
+      if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        os.kill(os.getpid(), signal.SIGINT)
+        return
+      done.wait(0.5)
+
+  timer = threading.Timer(seconds, ctrl_c) if seconds else None
+  try:
+    if timer:
+      timer.start()
+    return train(config, workdir)["steps"]
+  except Interrupted as stopped:
+    return stopped.step
+  finally:
+    done.set()
+    if timer:
+      timer.cancel()
+
+
+def train_runs(out, names, steps, data, quick, train_seconds=None, steps_per_call=1, unet=None):
+  """{name: (config, workdir)}, every run trained to the same step: `steps`, or with
+  train_seconds the step the first run reached in that time (at most `steps`)."""
+  out = pathlib.Path(out)
+  if train_seconds:
+    first = run_config(names[0], steps, data, quick, steps_per_call, unet)
+    steps = train_for(first, out / names[0], train_seconds)
+    print(f"{names[0]} reached step {steps:,} in {train_seconds:g} s; every run trains to it")
+  runs = {}
+  for name in names:
+    config = run_config(name, steps, data, quick, steps_per_call, unet)
+    train_for(config, out / name)
+    runs[name] = (config, out / name)
+  return runs
+
+
+def fid_key(record) -> tuple:
+  return tuple(record[k] for k in ("run", "weights", "guidance", "sampler", "sampler_steps"))
+
+
+def read_records(path) -> list:
+  return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def estimated_seconds(records, num, sampler_steps) -> float:
+  """A FID's time by the largest one measured: its sampling per image and step, its
+  features per image (compiling included, so an overestimate)."""
+  if not records:
+    return 0.0
+  big = max(records, key=lambda r: r["num"] * r["sampler_steps"])
+  per_step = big["sample_s"] / (big["num"] * big["sampler_steps"])
+  return num * (sampler_steps * per_step + big["feature_s"] / big["num"])
+
+
+def measure_fids(runs, grid, out, num, weights, budget_s=None, start=None):
+  """The FID record (dict) of each cell of `grid` that fits the budget, reusing OUT/fid.jsonl."""
+  from cifarjax import fid, generate
+  from cifarjax.train_diffusion import load_trained
+  path = pathlib.Path(out) / "fid.jsonl"
+  start = time.monotonic() if start is None else start
+  first = next(iter(runs.values()))[0]
+  reference = fid.training_reference_stats(first.data, first.holdout, weights)  # cached
+  variables = fid.load_inception_params(weights)  # read once, not per FID
+  trained = {name: load_trained(workdir) for name, (_, workdir) in runs.items()}
+  steps = {name: int(t[1].step) for name, t in trained.items()}
+  kept = {fid_key(r): r for r in read_records(path)
+          if r["num"] == num and r["train_step"] == steps.get(r["run"])}
+  records = []
+  for run, weights_from, guidance, sampler, sampler_steps in grid:
+    config = runs[run][0]
+    k = config.num_timesteps if sampler == "ddpm" else sampler_steps
+    key = (run, weights_from, guidance, sampler, k)
+    if key in kept:
+      records.append(kept[key])
+      continue
+    if budget_s and time.monotonic() - start + estimated_seconds(records, num, k) > budget_s:
+      continue
+    t0 = time.perf_counter()
+    images = generate.generate(runs[run][1], generate.default_labels(num, len(trained[run][3])),
+                               sampler, None if sampler == "ddpm" else k, guidance, FID_SEED,
+                               progress=False, trained=trained[run], sample_from=weights_from)
+    t1 = time.perf_counter()
+    mu, sigma = fid.stats_from_images(images, variables, progress=False)
+    value = fid.frechet_distance(mu, sigma, *reference, method="eigh")
+    record = dict(zip(("run", "weights", "guidance", "sampler", "sampler_steps"), key),
+                  train_step=steps[run], num=num, fid=float(value), sample_s=t1 - t0,
+                  feature_s=time.perf_counter() - t1)
+    records.append(record)
+    with path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    print(f"FID {value:.2f}: {run}, {weights_from} weights, guidance {guidance:g}, {sampler} {k}")
+  return records
+
+
+def fid_table(runs, grid, records) -> str:
+  """A row per (run, weights, guidance), a column per sampler; blank where the grid has no
+  cell, "not measured" where the budget skipped it."""
+  by_key = {fid_key(r): r["fid"] for r in records}
+  t = next(iter(runs.values()))[0].num_timesteps  # DDPM's steps: every run's T
+  rows = []
+  for run, weights_from, guidance in dict.fromkeys(c[:3] for c in grid):
+    in_grid = {(s, t if s == "ddpm" else k) for *r, s, k in grid
+               if tuple(r) == (run, weights_from, guidance)}
+    row = [run, weights_from, f"{guidance:g}"]
+    for sampler, k in SAMPLERS:
+      k = t if sampler == "ddpm" else k
+      value = by_key.get((run, weights_from, guidance, sampler, k))
+      row.append("" if (sampler, k) not in in_grid else
+                 "not measured" if value is None else f"{value:.2f}")
+    rows.append(row)
+  headers = ("run", "weights", "guidance", *(f"{s} {k or t}" for s, k in SAMPLERS))
+  return common.table(headers, rows)
+
+
+def run(out, quick=False, data=None, steps=None, only=None, fid_weights=None, num=10_000,
+        train_seconds=None, budget_s=None, steps_per_call=1, unet=None) -> common.Section:
+  start = time.monotonic()
+  names = [n for n in RUNS if not only or n in only]
+  steps = steps or (common.QUICK_DIFFUSION["steps"] if quick else PAPER.steps)
+  runs = train_runs(out, names, steps, data, quick, train_seconds, steps_per_call, unet)
+  first = next(iter(runs.values()))[0]
+  what = common.table(("run", "what changes"), [(n, RUNS[n][0]) for n in names])
+  if fid_weights is None:
+    return common.Section(f"Generator beyond the paper: {first.steps:,} steps", what,
+                          notes=common.NO_FID)
+  grid = cells(names, {n: c for n, (c, _) in runs.items()})
+  records = measure_fids(runs, grid, out, num, fid_weights, budget_s, start)
+  return common.Section(
+      f"Generator beyond the paper: {first.steps:,} steps of batch {first.batch_size}",
+      f"{what}\n\n{fid_table(runs, grid, records)}",
+      notes=f"FID of {num:,} samples (labels cycling through the classes, sampling seed "
+            f"{FID_SEED}) against the training images")
+
+
+def main():
+  common.use_huge_pages()
+  p = common.parser(__doc__)
+  p.add_argument("--steps", type=int, help=f"training steps of every run (default {PAPER.steps:,})")
+  p.add_argument("--train-seconds", type=float,
+                 help="train the first run this long, the others to the step it reached")
+  p.add_argument("--budget-s", type=float, help="skip the FIDs that would end later than this")
+  p.add_argument("--num", type=int, default=10_000, help="samples per FID")
+  p.add_argument("--steps-per-call", type=int, default=1, help="train steps per jitted call")
+  p.add_argument("--unet", help="the network of every run (cifarjax.models.UNETS; default paper)")
+  p.add_argument("--fid-weights", help="pt_inception-2015-12-05 weights (.pth or .npz)")
+  p.add_argument("--only", nargs="+", choices=list(RUNS), help="train and report these runs only")
+  args = p.parse_args()
+  section = run(args.out, args.quick, args.data, args.steps, args.only, args.fid_weights,
+                args.num, args.train_seconds, args.budget_s, args.steps_per_call, args.unet)
+  common.print_section(section)
+  print(section.notes)
+
+
+if __name__ == "__main__":
+  main()
