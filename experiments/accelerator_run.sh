@@ -25,7 +25,7 @@ num=${NUM_SAMPLES:-10000}
 reserve=${FID_RESERVE_S:-150}  # seconds kept for sampling and FID after the generators train
 start=$(date +%s)
 left() { echo $((budget - ($(date +%s) - start))); }
-cj() { python -m cifarjax "$@"; }
+cj() { python3 -m cifarjax "$@"; }
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out" "$work"
 
@@ -44,7 +44,7 @@ fi
 gen=(--data "$data" --out "$work/generators" --only paper improved --steps-per-call "$k" --num "$num")
 [ -n "${UNET:-}" ] && gen+=(--unet "$UNET")
 [ -n "${FID_WEIGHTS:-}" ] && gen+=(--fid-weights "$FID_WEIGHTS")
-python "$here/generator_improved.py" "${gen[@]}" --train-seconds "$train_s" \
+python3 "$here/generator_improved.py" "${gen[@]}" --train-seconds "$train_s" \
   --budget-s $(($(left) - 10)) | tee "$out/generators.md"
 for run in paper improved; do  # a stopped run writes no summary
   cp "$work/generators/$run/metrics.jsonl" "$out/generator-$run-metrics.jsonl"
@@ -56,7 +56,7 @@ else  # samples of the paper generator with its own sampler, for a FID computed 
   sampler=(--sampler "${SAMPLER:-ddpm}")
   [ -n "${SAMPLE_STEPS:-}" ] && sampler+=(--steps "$SAMPLE_STEPS")
   cj sample --workdir "$work/generators/paper" --num "$num" "${sampler[@]}" --out "$work/samples.npz"
-  python - "$work/samples.npz" "$out" <<'PY'
+  python3 - "$work/samples.npz" "$out" <<'PY'
 import sys, numpy as np
 samples = np.load(sys.argv[1]); half = (len(samples["images"]) + 1) // 2
 for i, part in enumerate((slice(0, half), slice(half, None))):  # two files of at most 15.4 MB
