@@ -51,7 +51,7 @@ RUNS = {
                    {"train_on": "train+test"}),
 }
 SAMPLERS = (("ddpm", None), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpm++2m", 10),
-            ("dpm++2m", 20), ("dpm++2m", 50))  # the table's columns
+            ("dpm++2m", 20), ("dpm++2m", 50))  # the table's columns; None: all of T
 GUIDANCE = (0.5, 1.0, 2.0)  # output = (1 + w) conditional - w unconditional
 FID_SEED = 0
 
@@ -65,14 +65,15 @@ def run_config(name, steps, data, quick, steps_per_call=1, unet=None):
 
 
 def cells(names, configs):
-  """(run, weights, guidance, sampler, sampler steps) of every FID, most telling first."""
+  """(run, weights, guidance, sampler, sampler steps) of every FID, most telling first; DDPM
+  takes all of a run's T steps."""
   main = [(n, "ema", 0.0) for n in names]
   order = [(*r, "dpm++2m", 20) for r in main] + [(*r, "ddim", 20) for r in main]
   order += [(n, "raw", 0.0, "dpm++2m", 20) for n in names]
   order += [(n, "ema", g, "dpm++2m", 20) for n in names if configs[n].label_dropout
             for g in GUIDANCE]
   order += [(*r, s, k) for k in (10, 50) for s in ("dpm++2m", "ddim") for r in main]
-  return order + [(*r, "ddpm", None) for r in main]
+  return order + [(n, "ema", 0.0, "ddpm", configs[n].num_timesteps) for n in names]
 
 
 def train_for(config, workdir, seconds=None) -> int:
@@ -117,8 +118,11 @@ def train_runs(out, names, steps, data, quick, train_seconds=None, steps_per_cal
   return runs
 
 
+CELL = ("run", "weights", "guidance", "sampler", "sampler_steps")  # a FID record's key fields
+
+
 def fid_key(record) -> tuple:
-  return tuple(record[k] for k in ("run", "weights", "guidance", "sampler", "sampler_steps"))
+  return tuple(record[k] for k in CELL)
 
 
 def read_records(path) -> list:
@@ -149,10 +153,8 @@ def measure_fids(runs, grid, out, num, weights, budget_s=None, start=None):
   kept = {fid_key(r): r for r in read_records(path)
           if r["num"] == num and r["train_step"] == steps.get(r["run"])}
   records = []
-  for run, weights_from, guidance, sampler, sampler_steps in grid:
-    config = runs[run][0]
-    k = config.num_timesteps if sampler == "ddpm" else sampler_steps
-    key = (run, weights_from, guidance, sampler, k)
+  for key in grid:
+    run, weights_from, guidance, sampler, k = key
     if key in kept:
       records.append(kept[key])
       continue
@@ -160,12 +162,12 @@ def measure_fids(runs, grid, out, num, weights, budget_s=None, start=None):
       continue
     t0 = time.perf_counter()
     images = generate.generate(runs[run][1], generate.default_labels(num, len(trained[run][3])),
-                               sampler, None if sampler == "ddpm" else k, guidance, FID_SEED,
+                               sampler, k, guidance, FID_SEED,
                                progress=False, trained=trained[run], sample_from=weights_from)
     t1 = time.perf_counter()
     mu, sigma = fid.stats_from_images(images, variables, progress=False)
     value = fid.frechet_distance(mu, sigma, *reference, method="eigh")
-    record = dict(zip(("run", "weights", "guidance", "sampler", "sampler_steps"), key),
+    record = dict(zip(CELL, key),
                   train_step=steps[run], num=num, fid=float(value), sample_s=t1 - t0,
                   feature_s=time.perf_counter() - t1)
     records.append(record)
@@ -182,11 +184,10 @@ def fid_table(runs, grid, records) -> str:
   t = next(iter(runs.values()))[0].num_timesteps  # DDPM's steps: every run's T
   rows = []
   for run, weights_from, guidance in dict.fromkeys(c[:3] for c in grid):
-    in_grid = {(s, t if s == "ddpm" else k) for *r, s, k in grid
-               if tuple(r) == (run, weights_from, guidance)}
+    in_grid = {(s, k) for *r, s, k in grid if tuple(r) == (run, weights_from, guidance)}
     row = [run, weights_from, f"{guidance:g}"]
     for sampler, k in SAMPLERS:
-      k = t if sampler == "ddpm" else k
+      k = k or t
       value = by_key.get((run, weights_from, guidance, sampler, k))
       row.append("" if (sampler, k) not in in_grid else
                  "not measured" if value is None else f"{value:.2f}")
