@@ -182,14 +182,21 @@ class _StopOnCtrlC:
 
 
 def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSettings,
-        desc="train"):
+        desc="train", time_limit_s: float | None = None):
   """Trains from the latest checkpoint in `workdir` (or `state`) to `settings.steps`.
 
   Returns (final state, last evaluation dict, wall seconds spent in this call).
   Ctrl-C stops it at the next step boundary after saving a checkpoint there, raising
   `errors.Interrupted` (a KeyboardInterrupt); running it again resumes from that step.
+  time_limit_s stops it the same way at the first boundary after that many seconds
+  from this call (compiling included; 0: after the first call's steps), for a run that
+  must fit a time budget. Single-process runs only: processes that stopped on their
+  own clocks could stop at different steps.
   """
   s = settings
+  if time_limit_s is not None and jax.process_count() > 1:
+    raise ValueError("a time limit needs a single-process run (processes would stop apart)")
+  deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
   mngr = checkpoint.manager(workdir, s.keep_checkpoints)
   restored = checkpoint.restore_latest(mngr, state)
   if restored is not None:
@@ -215,7 +222,10 @@ def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSett
     calls = step_calls(draw, train_step, s.steps_per_call, state)
     step = start
     while step < s.steps:
-      if stop.requested and step > start:
+      out_of_time = deadline is not None and time.monotonic() >= deadline
+      if (stop.requested or out_of_time) and step > start:
+        if out_of_time and not stop.requested:
+          note(f"time limit of {time_limit_s:g} s reached at step {step}: saving a checkpoint")
         if pending:
           _flush(pending, log, lr_fn, s.batch_size, t_last, bar, last_good)
           pending = []

@@ -178,7 +178,8 @@ def make_model(config: ClassifierConfig, num_classes: int) -> nn.Module:
   return models.CLASSIFIERS[config.model](num_classes, dropout_rate=config.dropout)
 
 
-def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None = None) -> dict:
+def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None = None,
+          time_limit_s: float | None = None) -> dict:
   """Trains (or resumes) the classifier in `workdir`; returns the summary.
 
   The network is the one `config.model` names (default the paper's). model: any other
@@ -188,6 +189,8 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
   `load_trained` to read its checkpoints back. A module you will use again is better
   registered in `models.CLASSIFIERS` and named by `config.model`: then config.json
   alone rebuilds it, and `cifarjax eval-classifier` scores it.
+  time_limit_s: stop as Ctrl-C does (a checkpoint, then `errors.Interrupted` naming the step)
+  at the first step boundary after that many seconds of training (`loop.run`).
   """
   from cifarjax.data import check_training_data
   from cifarjax.errors import note
@@ -226,7 +229,7 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
   state, final_eval, seconds = loop.run(
       workdir, state, draw=make_draw(train_images, train_labels, config, mesh),
       train_step=make_train_step(model, tx, mesh, config), evaluate=evaluate, lr_fn=lr_fn,
-      settings=run_lib.loop_settings(config), desc="classifier")
+      settings=run_lib.loop_settings(config), desc="classifier", time_limit_s=time_limit_s)
 
   evals = [r for r in runlog.read_metrics(workdir) if "test_accuracy" in r]
   best = max(evals, key=lambda r: r["test_accuracy"]) if evals else {}

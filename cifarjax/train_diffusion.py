@@ -148,7 +148,8 @@ def put_split(data, mesh):
   return jax.device_put((data.images, data.labels.astype(np.int32)), mesh_lib.replicated(mesh))
 
 
-def train(config: DiffusionConfig, workdir, mesh=None, model: nn.Module | None = None) -> dict:
+def train(config: DiffusionConfig, workdir, mesh=None, model: nn.Module | None = None,
+          time_limit_s: float | None = None) -> dict:
   """Trains (or resumes) the generator in `workdir`; returns the summary.
 
   The network is the one `config.unet` names (default the paper's). model: any other
@@ -156,6 +157,8 @@ def train(config: DiffusionConfig, workdir, mesh=None, model: nn.Module | None =
   labels)` as `UNet`, with a `num_classes` attribute: its null label for guidance);
   pass the same one to `load_trained`. Registered in `models.UNETS` and named by
   `config.unet`, config.json alone rebuilds it.
+  time_limit_s: stop as Ctrl-C does (a checkpoint, then `errors.Interrupted` naming the step)
+  at the first step boundary after that many seconds of training (`loop.run`).
   """
   from cifarjax.data import check_training_data
   from cifarjax.errors import note
@@ -177,7 +180,8 @@ def train(config: DiffusionConfig, workdir, mesh=None, model: nn.Module | None =
       workdir, state, draw=make_draw(images, labels, config, mesh),
       train_step=make_train_step(model, schedule, tx, mesh, config),
       evaluate=make_evaluate(model, schedule, train_data.images, train_data.labels, config, mesh),
-      lr_fn=lr_fn, settings=run_lib.loop_settings(config), desc="diffusion")
+      lr_fn=lr_fn, settings=run_lib.loop_settings(config), desc="diffusion",
+      time_limit_s=time_limit_s)
 
   losses = [r["loss"] for r in runlog.read_metrics(workdir) if "loss" in r]
   summary_path = workdir / "summary.json"

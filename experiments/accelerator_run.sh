@@ -35,8 +35,8 @@ cj train-classifier --data "$data" --workdir "$work/classifier" --steps "${CLASS
 cp "$work/classifier/summary.json" "$out/classifier-summary.json"
 cp "$work/classifier/training_graph.png" "$out/classifier-training-graph.png"
 
-# GENERATOR_SECONDS, where set, replaces the paper generator's share of the time (a fixed time, for the
-# CPU smoke check). The improved one then takes about as long again.
+# The paper generator trains for (time left - reserve) / 2, the improved one then about as long again;
+# GENERATOR_SECONDS, where set, replaces that share (a fixed time, for the CPU smoke check).
 train_s=${GENERATOR_SECONDS:-$((($(left) - reserve) / 2))}
 if [ "$train_s" -lt 30 ]; then
   echo "no time was left to train the generators (budget $budget s); outputs in $out"; exit 0
@@ -46,12 +46,12 @@ gen=(--data "$data" --out "$work/generators" --only paper improved --steps-per-c
 [ -n "${FID_WEIGHTS:-}" ] && gen+=(--fid-weights "$FID_WEIGHTS")
 python3 "$here/generator_improved.py" "${gen[@]}" --train-seconds "$train_s" \
   --budget-s $(($(left) - 10)) | tee "$out/generators.md"
-for run in paper improved; do  # a stopped run writes no summary
+for run in paper improved; do
   cp "$work/generators/$run/metrics.jsonl" "$out/generator-$run-metrics.jsonl"
 done
 
-if [ -n "${FID_WEIGHTS:-}" ]; then
-  cp "$work/generators/fid.jsonl" "$out/generator-fids.jsonl"
+if [ -n "${FID_WEIGHTS:-}" ]; then  # every FID measured so far, each with its training step
+  [ ! -f "$work/generators/fid.jsonl" ] || cp "$work/generators/fid.jsonl" "$out/generator-fids.jsonl"
 else  # samples of the paper generator with its own sampler, for a FID computed afterwards
   sampler=(--sampler "${SAMPLER:-ddpm}")
   [ -n "${SAMPLE_STEPS:-}" ] && sampler+=(--steps "$SAMPLE_STEPS")

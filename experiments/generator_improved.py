@@ -7,25 +7,23 @@ classifier-free guidance where a run learned the null label.
       --out runs/generator-improved --fid-weights pt_inception-2015-12-05.npz \
       [--steps 50000 | --train-seconds S] [--budget-s B] [--num 10000] [--only paper improved]
 
---train-seconds trains the first run for at most S seconds (it checkpoints and stops, as on
-Ctrl-C) and every other run for the steps it reached: all compare at equal steps within a time
-budget (`accelerator_run.sh` does this). --budget-s skips each FID that would end more than B
-seconds after the start, by the speed of the ones before it; the table says "not measured" there.
-The FIDs go most telling first: DPM-Solver++ and DDIM at 20 steps for every run, the raw
-weights, guidance, 10 and 50 steps, and DDPM's 1,000 steps last (50 times a 20-step FID's
-sampling). The Frechet distances take their matrix square root by `eigh` (seconds; scipy's sqrtm,
-pytorch-fid's way, takes a minute per FID on a small CPU and agrees to ~3e-7 relative). Every FID
-samples with the same seed (the same noise for every run, so the
-differences between runs carry less sampling noise) and is kept in OUT/fid.jsonl, which a
-later call reuses; every run resumes in OUT/<run>.
+--train-seconds stops the first run at the first step boundary after S seconds (with a
+checkpoint, as on Ctrl-C) and trains every other run to the step it reached: all compare at
+equal steps within a time budget (`accelerator_run.sh` does this). --budget-s skips each FID
+that would end more than B seconds after the start, by the speed of the ones before it; the
+table says "not measured" there. The FIDs go most telling first: DPM-Solver++ and DDIM at 20
+steps for every run, the raw weights, guidance, 10 and 50 steps, and DDPM's 1,000 steps last
+(50 times a 20-step FID's sampling). The Frechet distances take their matrix square root by
+`eigh` (seconds; scipy's sqrtm, pytorch-fid's way, takes a minute per FID on a small CPU and
+agrees to ~3e-7 relative). Every FID samples with the same seed (the same noise for every
+run, so the differences between runs carry less sampling noise) and is kept in
+OUT/fid.jsonl, keyed by the training step, the number of samples and the Inception weights'
+sha256, which a later call reuses; every run resumes in OUT/<run>.
 """
 
 import dataclasses
 import json
-import os
 import pathlib
-import signal
-import threading
 import time
 
 import common
@@ -77,44 +75,34 @@ def cells(names, configs):
 
 
 def train_for(config, workdir, seconds=None) -> int:
-  """Trains (or resumes) a run; with `seconds`, stops it after that long as Ctrl-C does
-  (the loop checkpoints at the next step). Returns the step the run reached."""
+  """Trains (or resumes) a run; with `seconds`, stops it with a checkpoint once that much
+  time has passed (`train`'s time_limit_s). Returns the step the run reached."""
   from cifarjax.train_diffusion import train
-  done = threading.Event()
-
-  def ctrl_c():  # once the training loop's own Ctrl-C handler is in place
-    while not done.is_set():
-      if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        os.kill(os.getpid(), signal.SIGINT)
-        return
-      done.wait(0.5)
-
-  timer = threading.Timer(seconds, ctrl_c) if seconds else None
+  t0 = time.monotonic()
   try:
-    if timer:
-      timer.start()
-    return train(config, workdir)["steps"]
+    return train(config, workdir, time_limit_s=seconds)["steps"]
   except Interrupted as stopped:
+    if seconds is None or time.monotonic() - t0 < seconds:
+      raise  # Ctrl-C: the person at the keyboard stops the script
     return stopped.step
-  finally:
-    done.set()
-    if timer:
-      timer.cancel()
 
 
 def train_runs(out, names, steps, data, quick, train_seconds=None, steps_per_call=1, unet=None):
   """{name: (config, workdir)}, every run trained to the same step: `steps`, or with
   train_seconds the step the first run reached in that time (at most `steps`)."""
   out = pathlib.Path(out)
+  runs = {name: (run_config(name, steps, data, quick, steps_per_call, unet), out / name)
+          for name in names}
   if train_seconds:
-    first = run_config(names[0], steps, data, quick, steps_per_call, unet)
-    steps = train_for(first, out / names[0], train_seconds)
+    steps = train_for(runs[names[0]][0], out / names[0], train_seconds)
     print(f"{names[0]} reached step {steps:,} in {train_seconds:g} s; every run trains to it")
-  runs = {}
-  for name in names:
-    config = run_config(name, steps, data, quick, steps_per_call, unet)
-    train_for(config, out / name)
-    runs[name] = (config, out / name)
+    runs = {name: (dataclasses.replace(config, steps=steps), workdir)
+            for name, (config, workdir) in runs.items()}
+  for name in names[1:] if train_seconds else names:
+    reached = train_for(*runs[name])
+    if reached != steps:
+      raise RuntimeError(f"run {name} in {runs[name][1]} is at step {reached:,}, not {steps:,}: "
+                         f"its runs must compare at equal steps (use another --out)")
   return runs
 
 
@@ -129,36 +117,50 @@ def read_records(path) -> list:
   return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
-def estimated_seconds(records, num, sampler_steps) -> float:
-  """A FID's time by the largest one measured: its sampling per image and step, its
+def passes(guidance) -> int:
+  """Network evaluations per sampling step: two (with and without the label) under guidance."""
+  return 2 if guidance else 1
+
+
+def estimated_seconds(records, num, sampler_steps, guidance=0.0) -> float:
+  """A FID's time by the largest one measured: its sampling per image and network pass, its
   features per image (compiling included, so an overestimate)."""
   if not records:
     return 0.0
-  big = max(records, key=lambda r: r["num"] * r["sampler_steps"])
-  per_step = big["sample_s"] / (big["num"] * big["sampler_steps"])
-  return num * (sampler_steps * per_step + big["feature_s"] / big["num"])
+  big = max(records, key=lambda r: r["num"] * r["sampler_steps"] * passes(r["guidance"]))
+  per_pass = big["sample_s"] / (big["num"] * big["sampler_steps"] * passes(big["guidance"]))
+  return num * (sampler_steps * passes(guidance) * per_pass + big["feature_s"] / big["num"])
 
 
 def measure_fids(runs, grid, out, num, weights, budget_s=None, start=None):
-  """The FID record (dict) of each cell of `grid` that fits the budget, reusing OUT/fid.jsonl."""
+  """The FID record (dict) of each cell of `grid` measured now or kept in OUT/fid.jsonl; a
+  cell that would end past `budget_s` seconds from `start` is left out."""
   from cifarjax import fid, generate
+  from cifarjax.fid.weights import file_sha256
   from cifarjax.train_diffusion import load_trained
   path = pathlib.Path(out) / "fid.jsonl"
   start = time.monotonic() if start is None else start
+  sha256 = file_sha256(fid.resolve_weights_path(weights))
+  trained = {name: load_trained(workdir) for name, (_, workdir) in runs.items()}
+  steps = {name: int(t[1].step) for name, t in trained.items()}
+  kept = {fid_key(r): r for r in read_records(path) if r["num"] == num
+          and r["train_step"] == steps.get(r["run"]) and r["fid_weights_sha256"] == sha256}
+
+  def past_budget(seconds):
+    return budget_s is not None and time.monotonic() - start + seconds > budget_s
+
+  if past_budget(0):  # not even the reference statistics fit: what is kept
+    return [kept[key] for key in grid if key in kept]
   first = next(iter(runs.values()))[0]
   reference = fid.training_reference_stats(first.data, first.holdout, weights)  # cached
   variables = fid.load_inception_params(weights)  # read once, not per FID
-  trained = {name: load_trained(workdir) for name, (_, workdir) in runs.items()}
-  steps = {name: int(t[1].step) for name, t in trained.items()}
-  kept = {fid_key(r): r for r in read_records(path)
-          if r["num"] == num and r["train_step"] == steps.get(r["run"])}
   records = []
   for key in grid:
     run, weights_from, guidance, sampler, k = key
     if key in kept:
       records.append(kept[key])
       continue
-    if budget_s and time.monotonic() - start + estimated_seconds(records, num, k) > budget_s:
+    if past_budget(estimated_seconds(records, num, k, guidance)):
       continue
     t0 = time.perf_counter()
     images = generate.generate(runs[run][1], generate.default_labels(num, len(trained[run][3])),
@@ -167,8 +169,8 @@ def measure_fids(runs, grid, out, num, weights, budget_s=None, start=None):
     t1 = time.perf_counter()
     mu, sigma = fid.stats_from_images(images, variables, progress=False)
     value = fid.frechet_distance(mu, sigma, *reference, method="eigh")
-    record = dict(zip(CELL, key),
-                  train_step=steps[run], num=num, fid=float(value), sample_s=t1 - t0,
+    record = dict(zip(CELL, key), train_step=steps[run], num=num, fid=float(value),
+                  fid_weights_sha256=sha256, sample_s=t1 - t0,
                   feature_s=time.perf_counter() - t1)
     records.append(record)
     with path.open("a") as f:
@@ -199,6 +201,9 @@ def fid_table(runs, grid, records) -> str:
 def run(out, quick=False, data=None, steps=None, only=None, fid_weights=None, num=10_000,
         train_seconds=None, budget_s=None, steps_per_call=1, unet=None) -> common.Section:
   start = time.monotonic()
+  if fid_weights is not None:  # a wrong path fails now, not after hours of training
+    from cifarjax import fid
+    fid.resolve_weights_path(fid_weights)
   names = [n for n in RUNS if not only or n in only]
   steps = steps or (common.QUICK_DIFFUSION["steps"] if quick else PAPER.steps)
   runs = train_runs(out, names, steps, data, quick, train_seconds, steps_per_call, unet)

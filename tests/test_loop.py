@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cifarjax import checkpoint, loop, runlog
+from cifarjax.errors import Interrupted
 
 
 @flax.struct.dataclass
@@ -19,7 +20,7 @@ SETTINGS = loop.LoopSettings(steps=6, batch_size=4, log_every=1, eval_every=100,
                              checkpoint_every=2, keep_checkpoints=5)
 
 
-def _run(workdir, poison_at=None, steps=6):
+def _run(workdir, poison_at=None, steps=6, time_limit_s=None):
   @jax.jit
   def train_step(state, batch, rng):
     w = state.w + batch
@@ -29,7 +30,8 @@ def _run(workdir, poison_at=None, steps=6):
   state = ToyState(step=jnp.zeros((), jnp.int32), w=jnp.zeros(3))
   return loop.run(workdir, state, draw=jax.jit(lambda s: (jnp.ones(3), None)), train_step=train_step,
                   evaluate=lambda s: {}, lr_fn=lambda step: 0.0,
-                  settings=loop.LoopSettings(**{**SETTINGS.__dict__, "steps": steps}))
+                  settings=loop.LoopSettings(**{**SETTINGS.__dict__, "steps": steps}),
+                  time_limit_s=time_limit_s)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -41,6 +43,20 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   restored = checkpoint.restore_latest(mngr, like)
   np.testing.assert_array_equal(restored.w, np.full(3, 4.0))
   assert int(restored.step) == 4
+
+
+def test_time_limit_stops_with_a_checkpoint_and_resumes(tmp_path):
+  # A limit of 0 s has passed at the first boundary: one step is taken (so every call
+  # makes progress), checkpointed although the cadence saves every 2, and the run resumes.
+  with pytest.raises(Interrupted) as stopped:
+    _run(tmp_path, time_limit_s=0)
+  assert (stopped.value.step, stopped.value.steps) == (1, 6)
+  assert checkpoint.manager(tmp_path, 5).latest_step() == 1
+  with pytest.raises(Interrupted, match="step 2 of 6"):
+    _run(tmp_path, time_limit_s=0)
+  state, _, _ = _run(tmp_path, time_limit_s=3600)  # a limit not reached changes nothing
+  np.testing.assert_array_equal(state.w, np.full(3, 6.0))
+  assert [r["step"] for r in runlog.read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_resume_drops_metrics_past_the_checkpoint(tmp_path):
