@@ -155,10 +155,10 @@ def sampler(batch_size: int = 256, steps: int = 2, sample_steps: int = 50, mesh=
   model, schedule = td.make_unet(config, 100), td.make_schedule(config)
   tx, _ = td.make_optimizer(config, 195)
   params = jax.device_put(td.init_state(model, tx, 0).ema_params, mesh_lib.replicated(mesh))
-  sample = make_sampler(model, schedule, mesh, batch_size, sampler="ddim", steps=sample_steps,
-                        guidance=0.0)
+  sample = make_sampler(model, mesh, batch_size, sampler="ddim", steps=sample_steps, guidance=0.0)
   labels = np.arange(batch_size, dtype=np.int32) % 100
-  times = time_compiled(sample, (params, jax.random.PRNGKey(0), labels), steps, mesh)
+  schedule = jax.device_put(schedule, mesh_lib.replicated(mesh))
+  times = time_compiled(sample, (params, schedule, jax.random.PRNGKey(0), labels), steps, mesh)
   return _row(f"DDIM-{sample_steps} sampling", mesh, batch_size, *times)
 
 

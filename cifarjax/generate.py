@@ -65,21 +65,28 @@ def _check_guidance(guidance: float, config):
                   "this one never saw the null label, so guided samples are unreliable"))
 
 
-def make_sampler(model, schedule, mesh, batch_size: int, *, sampler: str, steps: int | None,
+@functools.lru_cache(maxsize=32)
+def make_sampler(model, mesh, batch_size: int, *, sampler: str, steps: int | None,
                  guidance: float, prediction: str = "eps"):
-  """sample_batch(params, rng, labels (batch_size,)) -> float images, jitted once and
+  """sample_batch(params, schedule, rng, labels (batch_size,)) -> float images, jitted and
   split over the mesh's devices (each image's chain runs where its label lies).
-  prediction: what the model outputs (its DiffusionConfig.prediction)."""
+  prediction: what the model outputs (its DiffusionConfig.prediction).
+
+  Cached: the same settings give the same jitted function, so sampling other weights
+  or another schedule of the same length (raw against EMA weights, a later
+  checkpoint) compiles nothing new. On an accelerator a sampler's compilation can
+  take longer than the sampling it serves.
+  """
   mesh_lib.check_batch_size(batch_size, mesh)
   replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
   guidance = float(guidance)
 
-  def sample_batch(params, rng, labels):
+  def sample_batch(params, schedule, rng, labels):
     return diffusion.sample(_model_fn(model, params), schedule, rng, labels, sampler=sampler,
                             num_steps=steps, guidance=guidance, null_label=model.num_classes,
                             prediction=prediction)
 
-  return jax.jit(sample_batch, in_shardings=(replicated, replicated, sharded),
+  return jax.jit(sample_batch, in_shardings=(replicated, replicated, replicated, sharded),
                  out_shardings=sharded, compiler_options=compiler.options())
 
 
@@ -108,15 +115,15 @@ def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
     steps = None
   batch_size = -(-min(batch_size, max(len(labels), 1)) // mesh.size) * mesh.size
   schedule = diffusion.make_schedule(config.schedule, config.num_timesteps)
-  sample_batch = make_sampler(model, schedule, mesh, batch_size, sampler=sampler, steps=steps,
-                              guidance=guidance, prediction=config.prediction)
+  sample_batch = make_sampler(model, mesh, batch_size, sampler=sampler, steps=steps,
+                              guidance=float(guidance), prediction=config.prediction)
   key, out = jax.random.PRNGKey(seed), []
   starts = range(0, len(labels), batch_size)
   for i, start in enumerate(tqdm(starts, desc=f"sample ({sampler})", unit="batch",
                                  disable=not progress or jax.process_index() != 0)):
     chunk = labels[start:start + batch_size]
     padded = np.concatenate([chunk, np.zeros(batch_size - len(chunk), np.int32)])
-    images = sample_batch(params, jax.random.fold_in(key, i), padded)
+    images = sample_batch(params, schedule, jax.random.fold_in(key, i), padded)
     out.append(to_uint8(jax.device_get(images))[:len(chunk)])
   return np.concatenate(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
 

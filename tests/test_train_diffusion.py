@@ -362,3 +362,24 @@ def test_train_step_compiles_once(run_dir):
   assert RUN_TRACES["calls"] == TINY.steps
   assert RUN_TRACES["traces"] == 1, RUN_TRACES
   assert RUN_TRACES["all"].get("draw") == 1, RUN_TRACES
+
+
+def test_sampling_again_compiles_nothing_new(run_dir, monkeypatch):
+  """Raw then EMA weights, another seed, another call: one trace of the sampler for one
+  setting, and a new one only for a new setting (here another step count)."""
+  workdir, _ = run_dir
+  traced = []
+  real_sample = diffusion.sample
+  monkeypatch.setattr(diffusion, "sample", lambda *a, **k: traced.append(k["num_steps"]) or
+                      real_sample(*a, **k))
+  generate.make_sampler.cache_clear()
+  trained = td.load_trained(workdir)
+  draw = lambda steps, **k: generate.generate(workdir, [0, 5], sampler="ddim", steps=steps,
+                                              batch_size=2, progress=False, trained=trained, **k)
+  first = draw(3)
+  assert not np.array_equal(draw(3, sample_from="raw"), first)
+  assert not np.array_equal(draw(3, seed=1), first)
+  np.testing.assert_array_equal(draw(3), first)
+  assert traced == [3]
+  draw(2)
+  assert traced == [3, 2]
