@@ -74,8 +74,7 @@ def make_sampler(model, mesh, batch_size: int, *, sampler: str, steps: int | Non
 
   Cached: the same settings give the same jitted function, so sampling other weights
   or another schedule of the same length (raw against EMA weights, a later
-  checkpoint) compiles nothing new. On an accelerator a sampler's compilation can
-  take longer than the sampling it serves.
+  checkpoint, another seed) compiles nothing new.
   """
   mesh_lib.check_batch_size(batch_size, mesh)
   replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
