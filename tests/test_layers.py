@@ -16,7 +16,7 @@ import pytest
 from cifarjax.models.layers import (BatchNorm, ConvTranspose2x2, DepthwiseConv, GroupNorm,
                                     channel_sums, image_channel_sums, max_pool_2x2, merge_batch,
                                     pointwise_conv, shifted_depthwise_conv, spatial_mean,
-                                    split_batch)
+                                    split_batch, written_out)
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -260,6 +260,17 @@ def test_group_norm_matches_flax_group_norm_in_outputs_and_gradients(groups):
     for got, want in zip(*map(jax.tree.leaves, grads)):
       np.testing.assert_allclose(got, want, rtol=0,
                                  atol=2 * (max(72, n) * EPS32 + tolerance) * np.abs(want).max())
+
+
+def test_written_out_is_its_input_exactly_under_jit_and_grad():
+  rng = np.random.default_rng(9)
+  x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32) * np.float32(1e30)
+  x.flat[:4] = [np.inf, -np.inf, np.nan, np.finfo(np.float32).tiny / 4]  # and a subnormal
+  # what any arithmetic under jit gives: on CPUs, XLA flushes subnormals to zero
+  same = jax.jit(lambda v, one: v * one)(x, np.ones_like(x))
+  np.testing.assert_array_equal(jax.jit(written_out)(x), same)
+  g = jax.grad(lambda v: (written_out(v) * v).sum())(x[1:])
+  np.testing.assert_array_equal(g, 2 * x[1:])
 
 
 def test_group_norm_and_conv_transpose_refuse_what_they_cannot_take():

@@ -11,7 +11,8 @@ CPU train step in XLA's per-op profile (docs/benchmarks.md has the numbers):
   differentiation shares its input rows with the kernel's gradient.
 - `BatchNorm`, `GroupNorm`, `channel_sums`, `image_channel_sums`: statistics
   and their gradients summed in two stages, which XLA:CPU fuses with the
-  products being summed, all sums of one layer in one pass.
+  products being summed, all sums of one layer in one pass; GroupNorm's
+  incoming gradient computed once (`written_out`), not in each reader.
 - `ConvTranspose2x2`: a 2x2 stride-2 transposed convolution as one matmul.
 - `max_pool_2x2`, `spatial_mean`: a pool and a global average written as
   fused elementwise maxima and short sums.
@@ -198,6 +199,23 @@ def _add_each(a, b):
   return tuple(x + y for x, y in zip(a, b))
 
 
+def written_out(x):
+  """x itself, computed once and written to memory, where XLA:CPU would recompute it in each reader.
+
+  XLA:CPU fuses a cheap elementwise producer into every consumer, so that each
+  recomputes it; in the generator's GroupNorm backward, the sums and the
+  elementwise pass both recomputed the incoming gradient (the depthwise input
+  gradient's nine products and GELU's derivative), and its reduction loops run
+  a fused body about half as fast as its elementwise loops. XLA:CPU does not fuse
+  a reduction into its consumers, so x as the sum of x and zeros over a stacked
+  axis is computed once. Exact as any XLA:CPU arithmetic: x + 0 is x (a -0 becomes
+  +0; a subnormal becomes 0, as in every XLA:CPU op). Other backends get x.
+  """
+  if jax.default_backend() != "cpu":
+    return x
+  return lax.reduce(jnp.stack([x, jnp.zeros_like(x)]), jnp.zeros((), x.dtype), lax.add, (0,))
+
+
 def split_batch(x, num_chunks: int):
   """x (B, ...) as a tuple of num_chunks arrays of B // num_chunks examples each.
 
@@ -349,6 +367,7 @@ def _group_norm_bwd(num_groups, epsilon, residuals, g):
   # per-image, per-channel sums of g and g * (x - mean) give every term.
   del epsilon  # inside inv already
   x, scale, mean, inv = residuals
+  g = written_out(g)
   _, h, w, c = x.shape
   count = h * w * (c // num_groups)
   centred = x - mean[:, None, None]
