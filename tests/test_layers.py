@@ -53,6 +53,22 @@ def test_parameters_are_those_of_a_grouped_nn_conv():
   assert "bias" not in DepthwiseConv(3, use_bias=False).init(jax.random.PRNGKey(0), x)["params"]
 
 
+def test_depthwise_conv_gradients_are_those_of_a_grouped_nn_conv():
+  """Kernel and bias gradients (the bias's is summed inside the layer's own backward)."""
+  rng = np.random.default_rng(10)
+  x = rng.normal(size=(3, 6, 5, 4)).astype(np.float32)
+  cotangent = rng.normal(size=x.shape).astype(np.float32)
+  flax_conv = nn.Conv(4, (3, 3), padding="SAME", feature_group_count=4)
+  params = jax.tree.map(lambda p: p + 0.1, flax_conv.init(jax.random.PRNGKey(0), x))
+  grads = [jax.grad(lambda p, v: (m.apply(p, v) * cotangent).sum(), argnums=(0, 1))(params, x)
+           for m in (DepthwiseConv(3), flax_conv)]
+  # each entry sums at most 3*6*5 = 90 products: within 90 eps of their magnitudes
+  magnitude = jax.grad(lambda p, v: (flax_conv.apply(p, v) * np.abs(cotangent)).sum(),
+                       argnums=(0, 1))(jax.tree.map(np.abs, params), np.abs(x))
+  for got, want, scale in zip(*map(jax.tree.leaves, (grads[0], grads[1], magnitude))):
+    assert np.all(np.abs(got - want) <= 2 * 90 * EPS32 * scale)
+
+
 def test_even_kernel_is_refused():
   with pytest.raises(ValueError, match="odd kernel size"):
     DepthwiseConv(2).init(jax.random.PRNGKey(0), np.zeros((1, 4, 4, 2), np.float32))

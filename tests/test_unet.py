@@ -1,5 +1,7 @@
 """The conditional U-Net: parameter count, shapes, per-example independence, learning."""
 
+import hashlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -70,6 +72,23 @@ def test_paper_unet_parameter_count_and_output_shape():
   assert len(tables) == 7 and all(v.shape[0] == 101 for v in tables)
   eps = jax.eval_shape(model.apply, params, x, t, labels)
   assert (eps.shape, eps.dtype) == ((2, 32, 32, 3), jnp.float32)
+
+
+def parameter_tree_digest(params) -> str:
+  rows = sorted(f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)}"
+                for path, leaf in jax.tree_util.tree_leaves_with_path(params))
+  return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
+
+
+def test_parameter_paths_are_those_checkpoints_were_written_with():
+  """The paper U-Net's and classifier's parameter paths and shapes, as of 641c333 (before the
+  1x1 layers became `layers.Conv`): a renamed layer would leave checkpoints unreadable."""
+  from cifarjax.models import paper_classifier
+  x, t = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32)
+  unet = jax.eval_shape(paper_unet().init, jax.random.key(0), x, t, t)
+  classifier = jax.eval_shape(paper_classifier().init, jax.random.key(0), x)
+  assert parameter_tree_digest(unet) == "5202ec36fcb2fd40"
+  assert parameter_tree_digest(classifier) == "066cae3a952cf6cd"
 
 
 def test_num_groups_divides_channels():

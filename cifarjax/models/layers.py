@@ -6,7 +6,7 @@ CPU train step in XLA's per-op profile (docs/benchmarks.md has the numbers):
 
 - `DepthwiseConv`: k*k shifted multiply-adds instead of XLA:CPU's slow
   grouped convolution (other backends keep the convolution).
-- `pointwise_dot`: a 1x1 convolution whose gradients are matmuls, not
+- `pointwise_conv`: a 1x1 convolution whose gradients are matmuls, not
   convolutions over transposed activations, and whose forward under
   differentiation shares its input rows with the kernel's gradient.
 - `BatchNorm`, `GroupNorm`, `channel_sums`, `image_channel_sums`: statistics
@@ -37,26 +37,30 @@ def _shifted_products(x, kernel):
 
 
 @jax.custom_vjp
-def shifted_depthwise_conv(x, kernel):
-  """x (N, H, W, C) * kernel (k, k, 1, C), zero-padded SAME (odd k), as k*k shifted products."""
-  return sum(_shifted_products(x, kernel))
+def shifted_depthwise_conv(x, kernel, bias=None):
+  """x (N, H, W, C) * kernel (k, k, 1, C) (+ bias (C,)), zero-padded SAME (odd k), as k*k shifted products."""
+  y = sum(_shifted_products(x, kernel))
+  return y if bias is None else y + bias
 
 
-def _shifted_depthwise_fwd(x, kernel):
-  return shifted_depthwise_conv(x, kernel), (x, kernel)
+def _shifted_depthwise_fwd(x, kernel, bias):
+  return shifted_depthwise_conv(x, kernel, bias), (x, kernel, bias is None)
 
 
 def _shifted_depthwise_bwd(residuals, g):
   # The input gradient is the same kind of sum with the kernel flipped; the
-  # kernel gradient's k*k reductions go through `channel_sums`.
-  x, kernel = residuals
+  # kernel gradient's k*k reductions and the bias gradient are one `channel_sums`
+  # pass (autodiff's bias gradient would be a reduction XLA:CPU runs slowly).
+  x, kernel, no_bias = residuals
   k = kernel.shape[0]
   p = k // 2
   h, w = x.shape[1:3]
   dx = sum(_shifted_products(g, kernel[::-1, ::-1]))
   padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-  sums = channel_sums(*(padded[:, i:i + h, j:j + w, :] * g for i in range(k) for j in range(k)))
-  return dx, jnp.stack(sums).reshape(kernel.shape)
+  products = [padded[:, i:i + h, j:j + w, :] * g for i in range(k) for j in range(k)]
+  sums = channel_sums(*products, *(() if no_bias else (g,)))
+  dbias = None if no_bias else sums[-1]
+  return dx, jnp.stack(sums[:k * k]).reshape(kernel.shape), dbias
 
 
 shifted_depthwise_conv.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
@@ -72,58 +76,75 @@ class DepthwiseConv(nn.Module):
     if k % 2 != 1:
       raise ValueError(f"DepthwiseConv needs an odd kernel size for SAME padding, got {k}")
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, channels))
+    bias = self.param("bias", nn.initializers.zeros, (channels,)) if self.use_bias else None
     if jax.default_backend() == "cpu":
-      y = shifted_depthwise_conv(x, kernel)
-    else:
-      y = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", feature_group_count=channels,
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (channels,))
-    return y
-
-
-def pointwise_dot(x, kernel, *args, **kwargs):
-  """A 1x1 convolution, stride 1, for `nn.Conv(conv_general_dilated=...)`, whose gradients are matmuls.
-
-  Its gradients are written as matmuls over (N*H*W, C): as convolutions,
-  XLA:CPU computes the weight gradient by transposing the activations to
-  (C, H, W, N) first, which dominated the classifier's CPU train step.
-  """
-  del args, kwargs  # strides, padding, ...: all trivial for a 1x1 kernel with stride 1
-  return _pointwise(x, kernel)
+      return shifted_depthwise_conv(x, kernel, bias)
+    y = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", feature_group_count=channels,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y if bias is None else y + bias
 
 
 @jax.custom_vjp
-def _pointwise(x, kernel):
-  return lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
-                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def pointwise(x, kernel, bias=None):
+  """A 1x1 convolution, stride 1: x (N, H, W, Cin), kernel (1, 1, Cin, Cout) (+ bias (Cout,)).
+
+  Its gradients are matmuls over (N*H*W, C) rows: as convolutions, XLA:CPU
+  computes the kernel's gradient by transposing the activations to (C, H, W, N)
+  first, which dominated the classifier's CPU train step.
+  """
+  y = lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y if bias is None else y + bias
 
 
-def _pointwise_fwd(x, kernel):
+def _pointwise_fwd(x, kernel, bias):
   # Under differentiation the forward is a matmul over the same (N*H*W, C) rows
   # that the kernel's gradient reads: as a convolution, XLA computed the input
   # twice, once for each reader. Without gradients (inference), the convolution
   # is faster: XLA fuses it with its neighbours.
   rows = x.reshape(-1, x.shape[-1])
   y = (rows @ kernel.reshape(kernel.shape[-2:])).reshape(*x.shape[:-1], kernel.shape[-1])
-  return y, (rows, kernel)
+  return (y if bias is None else y + bias), (rows, kernel, bias is None)
 
 
 def _pointwise_bwd(residuals, g):
-  rows, kernel = residuals
+  rows, kernel, no_bias = residuals
   matrix = kernel.reshape(kernel.shape[-2:])
+  if not no_bias:  # g is read by the matmuls and the bias's sums: computed once for all three
+    g = written_out(g)
   g_rows = g.reshape(-1, g.shape[-1])
   dx = (g_rows @ matrix.T).reshape(*g.shape[:-1], rows.shape[-1])
   dkernel = (rows.T @ g_rows).reshape(kernel.shape)
-  return dx, dkernel
+  # autodiff's bias gradient, a sum over N*H*W, would be a reduction XLA:CPU runs slowly
+  dbias = None if no_bias else channel_sums(g)[0]
+  return dx, dkernel, dbias
 
 
-_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
-def pointwise_conv(features: int, use_bias: bool = True) -> nn.Conv:
-  """`nn.Conv(features, (1, 1), use_bias=use_bias)` computed through `pointwise_dot`."""
-  return nn.Conv(features, (1, 1), use_bias=use_bias, conv_general_dilated=pointwise_dot)
+class Conv(nn.Module):
+  """`nn.Conv(features, (1, 1), use_bias=use_bias)`: same parameters, same results, computed
+  through `pointwise`.
+
+  Named Conv because flax names a layer after its class: its instances are
+  Conv_0, Conv_1, ... where the nn.Conv layers it replaces were, beside any
+  nn.Conv of the same parent, so parameter paths and checkpoints are unchanged.
+  """
+  features: int
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (1, 1, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+    return pointwise(x, kernel, bias)
+
+
+def pointwise_conv(features: int, use_bias: bool = True) -> Conv:
+  """A 1x1 convolution layer, `nn.Conv(features, (1, 1), use_bias=use_bias)`'s equal (`Conv`)."""
+  return Conv(features, use_bias)
 
 
 class ConvTranspose2x2(nn.Module):
