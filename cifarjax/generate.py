@@ -20,7 +20,7 @@ from cifarjax import compiler, diffusion, mesh as mesh_lib
 from cifarjax.augment import to_model_range, to_uint8
 from cifarjax.errors import UserError, note
 # The checkpoint's state is the trainer's (DiffusionState), so reading one back is its job.
-from cifarjax.train_diffusion import load_trained
+from cifarjax.train_diffusion import load_trained, make_schedule
 
 
 # Which weights of a DiffusionState to sample: the EMA ones (the default), or the raw
@@ -113,9 +113,9 @@ def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
   if sampler == "ddpm" and steps == config.num_timesteps:
     steps = None
   batch_size = -(-min(batch_size, max(len(labels), 1)) // mesh.size) * mesh.size
-  schedule = diffusion.make_schedule(config.schedule, config.num_timesteps)
+  schedule = jax.device_put(make_schedule(config), mesh_lib.replicated(mesh))  # once, not per batch
   sample_batch = make_sampler(model, mesh, batch_size, sampler=sampler, steps=steps,
-                              guidance=float(guidance), prediction=config.prediction)
+                              guidance=guidance, prediction=config.prediction)
   key, out = jax.random.PRNGKey(seed), []
   starts = range(0, len(labels), batch_size)
   for i, start in enumerate(tqdm(starts, desc=f"sample ({sampler})", unit="batch",
@@ -155,7 +155,7 @@ def interpolate(workdir, image_a, label_a: int, image_b, label_b: int, frames: i
   model, state, config, class_names = load_trained(workdir, mesh)
   ends = check_labels([label_a, label_b], len(class_names))
   labels = frame_labels(alphas, *ends)
-  schedule = diffusion.make_schedule(config.schedule, config.num_timesteps)
+  schedule = make_schedule(config)
 
   @functools.partial(jax.jit, compiler_options=compiler.options())
   def run(params, x0, ends, alphas, labels):
