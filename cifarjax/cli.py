@@ -97,6 +97,7 @@ def _messages_to_stderr(prefix: str):
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  keep_call_buffers()
   prefix = f"cifarjax {args.command}"
   with _messages_to_stderr(prefix):
     try:
@@ -114,15 +115,19 @@ def main(argv=None) -> int:
       return 2
 
 
-# XLA:CPU takes each step's buffers (hundreds of MiB at batch 256) from malloc,
-# which glibc serves as fresh 4 KiB-page mappings every step; asking it for
-# transparent huge pages made the classifier's train step ~25% faster
-# (docs/benchmarks.md). glibc reads GLIBC_TUNABLES only at process start.
-MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
+# XLA:CPU takes all of a call's buffers as one block from malloc (~790 MiB for the
+# classifier's step at batch 256). glibc serves it in fresh 4 KiB pages unless asked
+# for huge pages (~25% faster steps). And as a worker thread allocates it, glibc maps
+# it afresh and unmaps it after every call, so each step faults in and zeroes it
+# again (~13% of the step's CPU time); run on the main thread instead
+# (`keep_call_buffers`), it comes from the main heap, which these settings never
+# unmap or shrink (docs/benchmarks.md). glibc reads them only at process start.
+MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0"
+                   ":glibc.malloc.trim_threshold=4294967295")
 
 
 def reexec_with_huge_pages(python_args):
-  """Replaces this process by `python python_args...` whose malloc asks for huge pages.
+  """Replaces this process by `python python_args...` with MALLOC_TUNABLES.
 
   Does so on Linux with glibc, unless GLIBC_TUNABLES is already set (then it is left
   as the user set it) or CIFARJAX_HUGE_PAGES=0; else returns and nothing changes.
@@ -132,6 +137,18 @@ def reexec_with_huge_pages(python_args):
       and "GLIBC_TUNABLES" not in os.environ and os.environ.get("CIFARJAX_HUGE_PAGES") != "0"):
     env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
     os.execve(sys.executable, [sys.executable, *python_args], env)
+
+
+def keep_call_buffers():
+  """In a process started with MALLOC_TUNABLES, runs single-device CPU computations
+  on the calling thread, so that glibc reuses their buffers from call to call.
+
+  Python then waits for each call instead of queueing the next; the training loops
+  do no host work worth overlapping. Must run before JAX's CPU backend starts.
+  """
+  if os.environ.get("GLIBC_TUNABLES") == MALLOC_TUNABLES:
+    import jax
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def run():

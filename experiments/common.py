@@ -91,11 +91,13 @@ def config_dict(config) -> dict:
 
 
 def use_huge_pages():
-  """Restarts the script with glibc's huge pages for XLA's buffers, as the `cifarjax`
-  command does for itself (~25% faster CPU steps, docs/benchmarks.md). Each script's
-  main() calls it first (the imports above it then run twice: a few seconds)."""
+  """Restarts the script with the `cifarjax` command's malloc settings for XLA's
+  buffers, and keeps them from call to call as the command does (faster CPU steps,
+  docs/benchmarks.md). Each script's main() calls it first (the imports above it
+  then run twice: a few seconds)."""
   from cifarjax import cli
   cli.reexec_with_huge_pages(sys.orig_argv[1:])
+  cli.keep_call_buffers()
 
 
 def parser(description) -> argparse.ArgumentParser:
