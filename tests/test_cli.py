@@ -572,7 +572,8 @@ def test_processes_restart_once_with_huge_pages_unless_told_otherwise(tmp_path, 
 def test_a_restarted_process_reuses_its_call_buffers(tmp_path, huge_pages):
   """A call's 128 MiB of buffers is faulted in once, not on every call (~13% of the
   classifier step's CPU time went to zeroing fresh pages). A fresh mapping of it costs at
-  least 64 page faults at any page size; reused, it costs none."""
+  least one page fault per 2 MiB (x86's largest page for it); reused, none, and the rest of
+  a call a few (up to 9 beside the suite's other workers)."""
   script = tmp_path / "calls.py"
   script.write_text(
       "import resource, sys\nfrom cifarjax import cli\n"
@@ -590,7 +591,8 @@ def test_a_restarted_process_reuses_its_call_buffers(tmp_path, huge_pages):
                        capture_output=True, text=True, check=True).stdout.split()
   temp_bytes, faults_per_call = int(out[0]), float(out[1])
   assert temp_bytes >= 128 * 2**20
+  fresh_mapping_faults = temp_bytes / (2 * 2**20)
   if huge_pages == "1":
-    assert faults_per_call < 8
+    assert faults_per_call < fresh_mapping_faults / 2
   else:
-    assert faults_per_call >= temp_bytes / (2 * 2**20)
+    assert faults_per_call >= fresh_mapping_faults
