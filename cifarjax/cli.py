@@ -152,7 +152,7 @@ def keep_call_buffers():
 
 
 def run():
-  """The `cifarjax` command: `main()` in a process whose malloc asks for huge pages."""
+  """The `cifarjax` command: `main()` in a process started with MALLOC_TUNABLES."""
   reexec_with_huge_pages(["-m", "cifarjax", *sys.argv[1:]])
   sys.exit(main())
 
