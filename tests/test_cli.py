@@ -549,6 +549,12 @@ glibc_only = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0
                                 reason="the malloc settings are glibc's, on Linux")
 
 
+def env_with_malloc_settings(settings: dict) -> dict:
+  """This process's environment with its malloc settings replaced by `settings`."""
+  base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CIFARJAX_HUGE_PAGES")}
+  return {**base, **settings}
+
+
 @glibc_only
 @pytest.mark.parametrize("env,want", [({}, cli.MALLOC_TUNABLES),
                                       ({"CIFARJAX_HUGE_PAGES": "0"}, "None"),
@@ -560,8 +566,7 @@ def test_processes_restart_once_with_huge_pages_unless_told_otherwise(tmp_path, 
   script.write_text("import os, sys\nfrom cifarjax import cli\n"
                     "print('start', flush=True)\ncli.reexec_with_huge_pages(sys.argv)\n"
                     "print(os.environ.get('GLIBC_TUNABLES'))\n")
-  base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CIFARJAX_HUGE_PAGES")}
-  out = subprocess.run([sys.executable, str(script)], env={**base, **env}, capture_output=True,
+  out = subprocess.run([sys.executable, str(script)], env=env_with_malloc_settings(env), capture_output=True,
                        text=True, check=True).stdout.split()
   restarts = 1 if want == cli.MALLOC_TUNABLES else 0
   assert out == ["start"] * (1 + restarts) + [want]
@@ -586,8 +591,8 @@ def test_a_restarted_process_reuses_its_call_buffers(tmp_path, huge_pages):
       "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
       "for _ in range(4): jax.block_until_ready(f(x, w))\n"
       "print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)\n")
-  base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CIFARJAX_HUGE_PAGES")}
-  out = subprocess.run([sys.executable, str(script)], env={**base, "CIFARJAX_HUGE_PAGES": huge_pages},
+  out = subprocess.run([sys.executable, str(script)],
+                       env=env_with_malloc_settings({"CIFARJAX_HUGE_PAGES": huge_pages}),
                        capture_output=True, text=True, check=True).stdout.split()
   temp_bytes, faults_per_call = int(out[0]), float(out[1])
   assert temp_bytes >= 128 * 2**20
