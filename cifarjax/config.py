@@ -95,7 +95,9 @@ class DiffusionConfig:
     A diffusion model's single-step weights jitter from batch to batch, and
     every jitter shows in all ~1000 denoising steps; the average over the last
     ~1/(1 - 0.999) = 1000 steps samples visibly cleaner images at no training
-    cost. Training itself uses the raw weights.
+    cost. Training itself uses the raw weights. The decay ramps up as
+    min(ema_decay, (1 + t) / (10 + t)) (`optim.ema_update`), so the average of a
+    short run is not mostly its initial weights.
   - label_dropout: the probability of replacing a label by the null label in
     training, which classifier-free guidance needs; 0 (the paper's recipe)
     leaves the null label untrained, so sample with guidance 0.

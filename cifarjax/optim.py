@@ -1,10 +1,12 @@
-"""The classifier's optimiser: Adam or AdamW, and its learning-rate schedules by name.
+"""Optimisers, learning-rate schedules by name, and the weights' moving average.
 
 `make_optimizer(config, steps_per_epoch) -> (tx, lr_fn)`. The paper's recipe is
 Adam with L2 regularisation added to the gradient (PyTorch's
 `Adam(weight_decay=...)`) and the rate multiplied by lr_decay once per epoch.
 """
 
+import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -44,3 +46,14 @@ def make_optimizer(config, steps_per_epoch: int):
   """(optax transformation, learning-rate schedule) of a ClassifierConfig."""
   lr = LR_SCHEDULES[config.lr_schedule](config, steps_per_epoch)
   return OPTIMIZERS[config.optimizer](config.weight_decay, lr), lr
+
+
+def ema_update(average, new, step, decay: float):
+  """One step of a moving average of weights, its decay ramped up as min(decay, (1+t)/(10+t)).
+
+  Without the ramp an average with decay 0.999 still holds ~37% of the initial
+  weights after 1,000 steps; with it, the weight of step 0 has fallen below 1%
+  by step 1,000, so a short run's average is a trained network.
+  """
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, x: e + (1.0 - d) * (x - e), average, new)

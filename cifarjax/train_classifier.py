@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from cifarjax import augment, compiler, loop, mesh as mesh_lib, run as run_lib, runlog
+from cifarjax import optim
 from cifarjax.optim import make_optimizer
 from cifarjax.config import ClassifierConfig
 from cifarjax.data import Split, load_split, with_class_order
@@ -57,14 +58,6 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
   return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-def ramped_ema_update(ema, new, step, decay: float):
-  """One step of the weights' moving average, its decay ramped up as min(decay, (1+t)/(10+t))
-  so that short runs do not average in their initial weights (the generator's
-  `train_diffusion.ema_update` keeps a fixed decay)."""
-  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-  return jax.tree.map(lambda e, x: e + (1.0 - d) * (x - e), ema, new)
-
-
 def make_train_step(model: nn.Module, tx, mesh, config: ClassifierConfig = ClassifierConfig()):
   """The jitted step; from config it reads label_smoothing and ema_decay (the rest of the
   recipe is in tx and in the batches)."""
@@ -85,7 +78,7 @@ def make_train_step(model: nn.Module, tx, mesh, config: ClassifierConfig = Class
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
     if config.ema_decay:
-      ema = ramped_ema_update(ema, {"params": params, "batch_stats": batch_stats}, state.step,
+      ema = optim.ema_update(ema, {"params": params, "batch_stats": batch_stats}, state.step,
                               config.ema_decay)
     state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                           opt_state=opt_state, ema=ema)

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from cifarjax import (augment, compiler, config as config_lib, diffusion, loop, mesh as mesh_lib,
-                      run as run_lib, runlog)
+                      optim, run as run_lib, runlog)
 from cifarjax.config import DiffusionConfig
 from cifarjax.data import Split, load_split, with_class_order
 from cifarjax import models
@@ -72,10 +72,6 @@ def make_loss(model: UNet, schedule, config: DiffusionConfig):
   return loss
 
 
-def ema_update(ema, params, decay: float):
-  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
-
-
 def make_train_step(model: UNet, schedule, tx, mesh, config: DiffusionConfig):
   replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
   null_label = model.num_classes
@@ -90,7 +86,8 @@ def make_train_step(model: UNet, schedule, tx, mesh, config: DiffusionConfig):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                          ema_params=ema_update(state.ema_params, params, config.ema_decay))
+                          ema_params=optim.ema_update(state.ema_params, params, state.step,
+                                                          config.ema_decay))
     return state, {"loss": loss}
 
   return jax.jit(train_step, in_shardings=(replicated, sharded, replicated),

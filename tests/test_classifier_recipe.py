@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifarjax import checkpoint, mesh as mesh_lib
+from cifarjax import checkpoint, mesh as mesh_lib, optim
 from cifarjax.config import CLASSIFIER_PRESETS, ClassifierConfig
 from cifarjax.errors import UserError
 from cifarjax.models import Classifier
-from cifarjax.train_classifier import (cross_entropy, ramped_ema_update, evaluate_workdir, init_state,
+from cifarjax.train_classifier import (cross_entropy, evaluate_workdir, init_state,
                                        load_trained, log_probs, make_optimizer, make_train_step,
                                        train)
 
@@ -67,7 +67,7 @@ def test_label_smoothing_matches_its_closed_form():
 def test_moving_average_ramps_its_decay_up_to_the_configured_one():
   ones, zeros = {"w": jnp.ones(3)}, {"w": jnp.zeros(3)}
   for step, decay in ((0, 0.1), (8, 0.5), (990, 0.991), (100_000, 0.999)):
-    averaged = ramped_ema_update(ones, zeros, jnp.int32(step), 0.999)
+    averaged = optim.ema_update(ones, zeros, jnp.int32(step), 0.999)
     np.testing.assert_allclose(averaged["w"], decay, rtol=1e-6, err_msg=f"step {step}")
 
 

@@ -92,6 +92,23 @@ def test_loss_falls_when_overfitting_a_small_batch(objective):
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
+def test_the_weights_average_ramps_from_the_first_step():
+  """After one step the average is 0.1 initial + 0.9 trained weights (decay (1+0)/(10+0)),
+  not 0.999 initial: the generator's average follows the trained weights from the start."""
+  mesh = mesh_lib.make_mesh()
+  model, schedule = td.make_unet(TINY, 10), td.make_schedule(TINY)
+  tx, _ = td.make_optimizer(TINY, steps_per_epoch=1000)
+  state = jax.device_put(td.init_state(model, tx, seed=0), mesh_lib.replicated(mesh))
+  initial = jax.device_get(state.params)
+  data = load_synthetic("test").take(np.arange(16))
+  batch = (augment.to_model_range(jnp.asarray(data.images)), jnp.asarray(data.labels))
+  state, _ = td.make_train_step(model, schedule, tx, mesh, TINY)(state, batch,
+                                                                jax.random.PRNGKey(0))
+  trained = jax.device_get(state.params)
+  want = jax.tree.map(lambda a, b: 0.1 * a + 0.9 * b, initial, trained)
+  chex.assert_trees_all_close(jax.device_get(state.ema_params), want, rtol=1e-5, atol=1e-7)
+
+
 def test_the_loss_follows_the_configs_objective():
   """make_loss is diffusion.training_loss with the config's prediction and weighting: the v,
   min-SNR loss of some weights is not the eps one, and it is what training_loss gives."""
