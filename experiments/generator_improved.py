@@ -45,6 +45,8 @@ RUNS = {
                       {"label_dropout": IMPROVED.label_dropout}),
     "sigmoid-blog": ("the blog's sigmoid betas instead of RIN's sigmoid schedule",
                      {"schedule": "sigmoid-blog"}),
+    "linear-schedule": ("DDPM's linear schedule instead of the sigmoid (section 4's comparison)",
+                        {"schedule": "linear"}),
     "train+test": ("trained on the held-out (or test) images too, as the paper's final model",
                    {"train_on": "train+test"}),
 }
