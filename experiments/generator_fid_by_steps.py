@@ -53,7 +53,8 @@ def grid(names, configs, full: bool):
 
 
 def at_milestone(out, step, names, data, batch_size, full, num, weights, quick=False):
-  """Trains each run to `step` (where it is not past it) and measures its FIDs there."""
+  """Trains each run to `step` (where it is not past it) and measures its FIDs there
+  (weights None: trains only)."""
   runs, missed = {}, []
   for name in names:
     workdir = pathlib.Path(out) / name
@@ -65,6 +66,8 @@ def at_milestone(out, step, names, data, batch_size, full, num, weights, quick=F
     if reached != step:
       raise RuntimeError(f"{name} is at step {reached:,}, not {step:,}")
     runs[name] = (config, workdir)
+  if weights is None:
+    return
   wanted = grid(list(runs), {n: c for n, (c, _) in runs.items()}, full)
   kept = {(r["run"], r["train_step"]) + gi.fid_key(r)[1:] for r in gi.read_records(
       pathlib.Path(out) / "fid.jsonl") if r["num"] == num}
@@ -113,6 +116,7 @@ def main():
   common.use_huge_pages()
   p = common.parser(__doc__)
   p.add_argument("--fid-weights", required=True, help="pt_inception-2015-12-05 weights (.pth or .npz)")
+  p.add_argument("--train-only", action="store_true", help="train to the milestones, measure nothing")
   p.add_argument("--milestones", type=int, nargs="+", required=True, help="training steps")
   p.add_argument("--linear-at", type=int, help="also train the linear schedule to this milestone")
   p.add_argument("--full-at", type=int, help="the milestone with the full set of FIDs (default: the last)")
@@ -126,7 +130,9 @@ def main():
   for step in milestones:
     names = ["paper", "improved"] + (["linear-schedule"] if step == args.linear_at else [])
     at_milestone(args.out, step, names, args.data, args.batch_size, step == full_at, args.num,
-                 args.fid_weights, args.quick)
+                 None if args.train_only else args.fid_weights, args.quick)
+  if args.train_only:
+    return
   records = [r for r in gi.read_records(pathlib.Path(args.out) / "fid.jsonl") if r["num"] == args.num]
   print(fid_table(records, milestones))
   figure(records, pathlib.Path(args.out) / "fid_by_steps.png")
