@@ -34,6 +34,12 @@ def check_sample_from(sample_from: str) -> str:
   return sample_from
 
 
+def check_clip(clip: str) -> str:
+  if clip not in diffusion.CLIPS:
+    raise UserError(f"clip must be one of {', '.join(diffusion.CLIPS)}, got {clip!r}")
+  return clip
+
+
 def _model_fn(model, params):
   return lambda x, t, labels: model.apply({"params": params}, x, t, labels)
 
@@ -67,10 +73,11 @@ def _check_guidance(guidance: float, config):
 
 @functools.lru_cache(maxsize=32)
 def make_sampler(model, mesh, batch_size: int, *, sampler: str, steps: int | None,
-                 guidance: float, prediction: str = "eps"):
+                 guidance: float, prediction: str = "eps", clip: str = "static"):
   """sample_batch(params, schedule, rng, labels (batch_size,)) -> float images, jitted and
   split over the mesh's devices (each image's chain runs where its label lies).
-  prediction: what the model outputs (its DiffusionConfig.prediction).
+  prediction: what the model outputs (its DiffusionConfig.prediction); clip: what the
+  predicted clean images go through (`diffusion.CLIPS`).
 
   Cached: the same settings give the same jitted function, so sampling other weights
   or another schedule of the same length (raw against EMA weights, a later
@@ -83,7 +90,7 @@ def make_sampler(model, mesh, batch_size: int, *, sampler: str, steps: int | Non
   def sample_batch(params, schedule, rng, labels):
     return diffusion.sample(_model_fn(model, params), schedule, rng, labels, sampler=sampler,
                             num_steps=steps, guidance=guidance, null_label=model.num_classes,
-                            prediction=prediction)
+                            prediction=prediction, clip=clip)
 
   return jax.jit(sample_batch, in_shardings=(replicated, replicated, replicated, sharded),
                  out_shardings=sharded, compiler_options=compiler.options())
@@ -91,7 +98,8 @@ def make_sampler(model, mesh, batch_size: int, *, sampler: str, steps: int | Non
 
 def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
              guidance: float = 0.0, seed: int = 0, batch_size: int = 256, mesh=None,
-             progress: bool = True, trained=None, sample_from: str = "ema") -> np.ndarray:
+             progress: bool = True, trained=None, sample_from: str = "ema",
+             clip: str = "static") -> np.ndarray:
   """uint8 (N, 32, 32, 3) samples of the workdir's latest checkpoint, one per label.
 
   Batches of batch_size (rounded up to a multiple of the device count; the last
@@ -99,13 +107,15 @@ def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
   fold_in(PRNGKey(seed), i), so the same (seed, batch_size) gives the same
   images. sampler 'ddpm' runs all T steps (steps must be None or T); 'ddim'
   and 'dpm++2m' run `steps` deterministic (eta 0) steps. sample_from: 'ema'
-  (the EMA weights) or 'raw' (SAMPLE_FROM). trained: `load_trained`'s result,
-  to skip loading it again.
+  (the EMA weights) or 'raw' (SAMPLE_FROM). clip: 'static' (the predicted clean
+  images clipped to the data range, as DDPM's official sampler), 'dynamic' or 'off'
+  (`diffusion.CLIPS`). trained: `load_trained`'s result, to skip loading it again.
   """
   mesh = mesh or mesh_lib.make_mesh()
   if trained is None:
     check_labels(labels, len(saved_class_names(workdir)))
   check_sample_from(sample_from)  # before a model load that takes seconds
+  check_clip(clip)
   model, state, config, class_names = trained or load_trained(workdir, mesh)
   labels = check_labels(labels, len(class_names))
   params = SAMPLE_FROM[sample_from](state)
@@ -115,7 +125,7 @@ def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
   batch_size = -(-min(batch_size, max(len(labels), 1)) // mesh.size) * mesh.size
   schedule = jax.device_put(make_schedule(config), mesh_lib.replicated(mesh))  # once, not per batch
   sample_batch = make_sampler(model, mesh, batch_size, sampler=sampler, steps=steps,
-                              guidance=guidance, prediction=config.prediction)
+                              guidance=guidance, prediction=config.prediction, clip=clip)
   key, out = jax.random.PRNGKey(seed), []
   starts = range(0, len(labels), batch_size)
   for i, start in enumerate(tqdm(starts, desc=f"sample ({sampler})", unit="batch",
@@ -139,16 +149,18 @@ def frame_labels(alphas, label_a: int, label_b: int) -> np.ndarray:
 
 
 def interpolate(workdir, image_a, label_a: int, image_b, label_b: int, frames: int = 8,
-                steps: int = 50, mesh=None):
+                steps: int = 50, mesh=None, clip: str = "static"):
   """(uint8 frames (frames, 32, 32, 3), their labels) between two uint8 images.
 
   Both images are encoded to DDIM latents x_T (`diffusion.ddim_invert`, with
   their own labels), the latents slerped at `frames` evenly spaced alphas in
   [0, 1], and each decoded by `steps` DDIM steps (eta 0) conditioned on the
   closer endpoint's label. The end frames are the DDIM reconstructions of the
-  inputs (close to them where inversion is accurate).
+  inputs (close to them where inversion is accurate). clip: as `generate`'s, for the
+  decoding (the inversion reads the model's predictions as they are).
   """
   alphas = frame_alphas(frames)
+  check_clip(clip)
   check_labels([label_a, label_b], len(saved_class_names(workdir)))
   mesh = mesh or mesh_lib.make_mesh()
   note(f"loading the generator in {workdir}")
@@ -164,7 +176,7 @@ def interpolate(workdir, image_a, label_a: int, image_b, label_b: int, frames: i
                               prediction=config.prediction)
     x_T = jax.vmap(diffusion.slerp, in_axes=(None, None, 0))(z[0], z[1], alphas)
     return diffusion.sample(model_fn, schedule, jax.random.PRNGKey(0), labels, sampler="ddim",
-                            num_steps=steps, x_T=x_T, prediction=config.prediction)
+                            num_steps=steps, x_T=x_T, prediction=config.prediction, clip=clip)
 
   x0 = to_model_range(jnp.asarray(np.stack([image_a, image_b])))
   note(f"compiling and running the interpolation: {steps} DDIM steps to invert the two "
@@ -190,7 +202,7 @@ def default_labels(num: int, num_classes: int) -> np.ndarray:
 def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: str = "ddpm",
                  steps: int | None = None, guidance: float = 0.0, seed: int = 0,
                  batch_size: int = 256, mesh=None, progress: bool = True,
-                 sample_from: str = "ema") -> dict:
+                 sample_from: str = "ema", clip: str = "static") -> dict:
   """FID of `num` samples (labels cycling through the classes) against the statistics of
   the images the generator trained on (`fid.training_reference_stats`: the train split
   without its held-out slice, cached), or against `reference` where given (a stats .npz
@@ -198,7 +210,7 @@ def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: st
 
   The reference is the train split even for a run trained on train+test
   (DiffusionConfig.train_on): the usual CIFAR FID reference, comparable across runs.
-  sample_from: as `generate`'s.
+  sample_from, clip: as `generate`'s.
 
   Says which reference it uses before computing anything. Merges {fid, fid_num,
   fid_sampler, fid_steps, fid_weights_from, fid_reference, fid_step} into the
@@ -210,6 +222,7 @@ def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: st
   if num < 2:
     raise UserError(f"FID needs at least 2 samples, got {num}")
   check_sample_from(sample_from)
+  check_clip(clip)
   mesh = mesh or mesh_lib.make_mesh()
   note(f"loading the generator in {workdir}")
   trained = load_trained(workdir, mesh)
@@ -223,11 +236,12 @@ def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: st
     ref = fid.reference_stats(reference, "train", weights, mesh=mesh, progress=progress)
   note(f"sampling {num:,} images ({sampler}); then their FID features")
   images = generate(workdir, default_labels(num, len(class_names)), sampler, steps, guidance,
-                    seed, batch_size, mesh, progress, trained=trained, sample_from=sample_from)
+                    seed, batch_size, mesh, progress, trained=trained, sample_from=sample_from,
+                    clip=clip)
   value = fid.compute_fid(images, ref, weights, mesh=mesh, progress=progress)
   result = {"fid": float(value), "fid_num": num, "fid_sampler": sampler,
             "fid_steps": config.num_timesteps if steps is None else steps,
-            "fid_weights_from": sample_from,
+            "fid_weights_from": sample_from, "fid_clip": clip,
             "fid_reference": source, "fid_step": int(jax.device_get(state.step))}
   path = workdir / "summary.json"
   if jax.process_index() == 0:

@@ -171,7 +171,7 @@ def measure_fids(runs, grid, out, num, weights, budget_s=None, start=None):
     t1 = time.perf_counter()
     mu, sigma = fid.stats_from_images(images, variables, progress=False)
     value = fid.frechet_distance(mu, sigma, *reference, method="eigh")
-    record = dict(zip(CELL, key), train_step=steps[run], num=num, fid=float(value),
+    record = dict(zip(CELL, key), train_step=steps[run], num=num, fid=float(value), clip="static",
                   fid_weights_sha256=sha256, sample_s=t1 - t0,
                   feature_s=time.perf_counter() - t1)
     records.append(record)

@@ -158,6 +158,7 @@ def test_new_fields_are_validated(field, value, message):
 
 def test_cli_choices_are_the_registries():
   assert diffusion_commands.SAMPLERS == tuple(diffusion.SAMPLERS)
+  assert diffusion_commands.CLIPS == tuple(diffusion.CLIPS)
   assert diffusion_commands.WEIGHTS_FROM == tuple(generate.SAMPLE_FROM)
   assert diffusion_commands.TRAIN_ON == tuple(config_lib.TRAINING_SPLITS)
 

@@ -15,8 +15,10 @@ PAPER = {"data": "cifar100", "holdout": 5000, "steps": 50_000, "batch_size": 256
          "label_dropout": 0.0, "unet": "paper", "eval_every": 1000, "checkpoint_every": 1000,
          "log_every": 100, "seed": 0, "train_on": "train"}
 # Choices written out so that --help imports no jax; tests/test_train_diffusion.py checks
-# them against diffusion.SAMPLERS, generate.SAMPLE_FROM and config.TRAINING_SPLITS.
+# them against diffusion.SAMPLERS, diffusion.CLIPS, generate.SAMPLE_FROM and
+# config.TRAINING_SPLITS.
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+CLIPS = ("static", "dynamic", "off")
 WEIGHTS_FROM = ("ema", "raw")
 TRAIN_ON = ("train", "train+test")
 
@@ -78,6 +80,7 @@ def register(subparsers):
   p.add_argument("--frames", type=int, default=8, help="frames between a and b, both "
                  "reconstructions included")
   p.add_argument("--steps", type=int, default=50, help="DDIM steps of inversion and decoding")
+  _clip_arg(p)
   p.add_argument("--out", required=True, metavar="FILE.png",
                  help="a strip: image a, the frames, image b")
   p.set_defaults(func=interpolate)
@@ -103,7 +106,15 @@ def _sampler_args(p):
                       "ddim: deterministic, --steps of them (e.g. 50: ~20x faster); "
                       "dpm++2m: DPM-Solver++(2M), deterministic and second order, --steps of them")
   p.add_argument("--steps", type=int, help="sampler steps (ddim and dpm++2m default: 50)")
+  _clip_arg(p)
   p.add_argument("--batch-size", type=int, default=256, help="images per compiled batch")
+
+
+def _clip_arg(p):
+  p.add_argument("--clip", choices=CLIPS, default="static",
+                 help="what each step's predicted clean image goes through: static, the data "
+                 "range [-1, 1] (DDPM's official sampler); dynamic, Imagen's thresholding; off, "
+                 "as the network predicts it (default: static)")
 
 
 def _weights_from_arg(p):
@@ -185,7 +196,8 @@ def sample(args):
   mesh_lib.initialize_distributed()
   note(f"loading the generator in {args.workdir}")
   images = generate.generate(args.workdir, labels, args.sampler, _steps(args), args.guidance,
-                             args.seed, args.batch_size, sample_from=args.weights_from)
+                             args.seed, args.batch_size, sample_from=args.weights_from,
+                             clip=args.clip)
   generate.save_npz(out, images, labels)
   png = image_grid.write_grid(out.with_suffix(".png"), images, labels, class_names=class_names)
   print(f"wrote {out} ({len(images)} images) and {png}")
@@ -215,7 +227,8 @@ def interpolate(args):
   data = with_class_order(data, class_names)
   a, b = data.images[args.a], data.images[args.b]
   frames, labels = generate.interpolate(args.workdir, a, int(data.labels[args.a]),
-                                        b, int(data.labels[args.b]), args.frames, args.steps)
+                                        b, int(data.labels[args.b]), args.frames, args.steps,
+                                        clip=args.clip)
   png = image_grid.write_strip(args.out, frames, sources=(a, b))
   names = [data.class_names[i] for i in labels]
   print(f"wrote {png}: image a, {len(frames)} frames, image b; labels {' '.join(names)}")
@@ -231,7 +244,8 @@ def evaluate(args):
   mesh_lib.initialize_distributed()
   result = evaluate_fid(args.workdir, args.num, weights=args.weights, reference=args.reference,
                         sampler=args.sampler, steps=_steps(args), seed=args.seed,
-                        batch_size=args.batch_size, sample_from=args.weights_from)
+                        batch_size=args.batch_size, sample_from=args.weights_from,
+                        clip=args.clip)
   if args.json:
     print(json.dumps(result))
   else:
