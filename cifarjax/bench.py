@@ -10,8 +10,10 @@ against the device's peak. Inputs are random: speed does not depend on values.
 FLOPs are XLA's cost analysis of the compiled program, which is what one device
 runs; all devices run the same program, so a step's FLOPs (and its TFLOP/s) are
 that times the device count. XLA counts the body of a loop once, whatever the
-trip count, so a program with a loop in it (the sampler's `lax.scan` over
-timesteps) gets None rather than a count that is too small.
+trip count, so a program with a loop of matrix work in it (the sampler's
+`lax.scan` over timesteps) gets None rather than a count that is too small;
+loops without dots or convolutions (random-number generation's rounds) leave
+the count as good as exact.
 """
 
 import re
@@ -31,7 +33,9 @@ COLUMNS = (("benchmark", "benchmark", "{}"), ("batch", "batch_size", "{}"),
 # Every row's keys (the FID row adds the weights it used).
 KEYS = ("benchmark", "batch_size", "images_per_s", "tflops", "flops", "step_ms", "compile_s",
         "peak_device_mib", "devices", "device_count", "device_kind", "backend")
-_WHILE_LOOP = re.compile(r"\bwhile\(")
+_LOOP_BODY = re.compile(r"\bwhile\(.*?\bbody=%?([\w.-]+)")
+_CALLED = re.compile(r"\b(?:calls|body|condition|to_apply|branch_computations)=\{?%?([\w.-]+)")
+_MATRIX_WORK = re.compile(r"\b(?:convolution|dot)\(")
 
 
 def _device_memory_peak():
@@ -51,10 +55,30 @@ def cost_flops(cost) -> float | None:
   return float(flops) if flops is not None and flops >= 0 else None
 
 
+def loops_over_matrix_work(hlo_text: str) -> bool:
+  """Whether an HLO module has a while loop whose body (or anything it calls) holds a dot
+  or a convolution: work that XLA's cost analysis counts once instead of per trip."""
+  computations = {}
+  for block in re.split(r"\n\s*\n", hlo_text):
+    header = re.match(r"\s*(?:ENTRY\s+)?%?([\w.-]+)\s", block)
+    if header:
+      computations[header.group(1)] = block
+  seen, todo = set(), [m.group(1) for m in _LOOP_BODY.finditer(hlo_text)]
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in computations:
+      continue
+    seen.add(name)
+    if _MATRIX_WORK.search(computations[name]):
+      return True
+    todo += [m.group(1) for m in _CALLED.finditer(computations[name])]
+  return False
+
+
 def compiled_flops(compiled, num_devices: int) -> float | None:
   """FLOPs of one call of `compiled` on all `num_devices` devices (see the module docstring)."""
   try:
-    if _WHILE_LOOP.search(compiled.as_text() or ""):
+    if loops_over_matrix_work(compiled.as_text() or ""):
       return None
     flops = cost_flops(compiled.cost_analysis())
   except (NotImplementedError, RuntimeError, AttributeError):  # a backend without cost analysis

@@ -148,14 +148,33 @@ def test_compiled_flops_reads_every_shape_of_cost_analysis(cost, flops):
   assert bench.compiled_flops(_FakeCompiled(cost), num_devices=1) == flops
 
 
-def test_compiled_flops_counts_all_devices_and_refuses_loops():
+LOOP_OF_DOTS = """HloModule m
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %f = f32[8] fusion(%x), kind=kOutput, calls=%fused_dot
+}
+
+%fused_dot (a: f32[8]) -> f32[8] {
+  ROOT %d = f32[8] dot(%a, %a)
+}
+
+ENTRY %main (t: (s32[], f32[8])) -> (s32[], f32[8]) {
+  ROOT %w = (s32[], f32[8]) while(%t), condition=%c, body=%body
+}"""
+
+
+def test_compiled_flops_counts_all_devices_and_refuses_loops_of_matrix_work():
+  """A loop whose body calls a dot (through a fusion) is costed once per program, not per
+  trip: None. A loop of elementwise work (random numbers' rounds) leaves the count."""
   assert bench.compiled_flops(_FakeCompiled({"flops": 12.0}), num_devices=8) == 96.0
-  loop = _FakeCompiled({"flops": 12.0}, "%w = (s32[], f32[8]) while(%t), condition=%c, body=%b")
-  assert bench.compiled_flops(loop, num_devices=1) is None
+  assert bench.compiled_flops(_FakeCompiled({"flops": 12.0}, LOOP_OF_DOTS), num_devices=1) is None
+  elementwise = LOOP_OF_DOTS.replace("dot(%a, %a)", "add(%a, %a)")
+  assert bench.compiled_flops(_FakeCompiled({"flops": 12.0}, elementwise), num_devices=1) == 12.0
 
 
 def test_compiled_flops_of_real_programs():
-  """A matmul costs its 2*m*k*n; a loop of matmuls gets None (XLA would cost one trip)."""
+  """A matmul costs its 2*m*k*n; a loop of matmuls gets None (XLA would cost one trip); a
+  matmul beside a loop of additions is counted."""
   import jax
   import jax.numpy as jnp
   x, w = jnp.ones((4, 16)), jnp.ones((16, 16))
@@ -163,6 +182,30 @@ def test_compiled_flops_of_real_programs():
   assert bench.compiled_flops(matmul, 1) == 2 * 4 * 16 * 16
   loop = jax.jit(lambda x: jax.lax.fori_loop(0, 3, lambda _, y: y @ w, x)).lower(x).compile()
   assert bench.compiled_flops(loop, 1) is None
+  beside = jax.jit(lambda x, n: jax.lax.fori_loop(0, n, lambda _, y: y + 1.0, x @ w))
+  flops = bench.compiled_flops(beside.lower(x, 3).compile(), 1)
+  assert flops is not None and flops >= 2 * 4 * 16 * 16
+
+
+def test_the_generators_train_step_has_a_flop_count():
+  """Its random numbers loop (threefry's rounds) but its matrix work does not: counted, at
+  2.5-4x the forward pass's (backward ~2x forward, plus the optimizer)."""
+  import jax
+  from cifarjax import mesh as mesh_lib, train_diffusion as td
+  from cifarjax.config import DiffusionConfig
+  mesh = mesh_lib.make_mesh()
+  config = DiffusionConfig(batch_size=8, unet="tiny")
+  model, schedule = td.make_unet(config, 10), td.make_schedule(config)
+  tx, _ = td.make_optimizer(config, 195)
+  state = jax.device_put(td.init_state(model, tx, 0), mesh_lib.replicated(mesh))
+  batch = bench._random_batch(mesh, 8, -1, 1)
+  step = td.make_train_step(model, schedule, tx, mesh, config)
+  train_flops = bench.compiled_flops(step.lower(state, batch, jax.random.PRNGKey(0)).compile(), 1)
+  forward = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
+  t = jax.numpy.zeros((8,), jax.numpy.int32)
+  forward_flops = bench.compiled_flops(forward.lower(state.params, batch[0], t, batch[1]).compile(), 1)
+  assert forward_flops and train_flops
+  assert 2.5 <= train_flops / forward_flops <= 4, (train_flops, forward_flops)
 
 
 class _FakeClock:
