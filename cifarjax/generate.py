@@ -28,9 +28,15 @@ from cifarjax.train_diffusion import load_trained, make_schedule
 SAMPLE_FROM = {"ema": lambda state: state.ema_params, "raw": lambda state: state.params}
 
 
-def check_sample_from(sample_from: str) -> str:
+def check_sample_from(sample_from: str, workdir=None) -> str:
+  """sample_from, checked to name weights that the workdir (or exported folder) holds."""
+  from cifarjax.run import exported_weights
   if sample_from not in SAMPLE_FROM:
     raise UserError(f"sample_from must be one of {', '.join(SAMPLE_FROM)}, got {sample_from!r}")
+  held = None if workdir is None else exported_weights(workdir)
+  if held is not None and held != sample_from:
+    raise UserError(f"{workdir} holds exported {held} weights only, not the {sample_from} "
+                    f"ones; sample with --weights-from {held}")
   return sample_from
 
 
@@ -114,7 +120,7 @@ def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
   mesh = mesh or mesh_lib.make_mesh()
   if trained is None:
     check_labels(labels, len(saved_class_names(workdir)))
-  check_sample_from(sample_from)  # before a model load that takes seconds
+  check_sample_from(sample_from, workdir)  # before a model load that takes seconds
   check_clip(clip)
   model, state, config, class_names = trained or load_trained(workdir, mesh)
   labels = check_labels(labels, len(class_names))
@@ -221,7 +227,7 @@ def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: st
   workdir = pathlib.Path(workdir)
   if num < 2:
     raise UserError(f"FID needs at least 2 samples, got {num}")
-  check_sample_from(sample_from)
+  check_sample_from(sample_from, workdir)
   check_clip(clip)
   mesh = mesh or mesh_lib.make_mesh()
   note(f"loading the generator in {workdir}")

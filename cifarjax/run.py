@@ -5,11 +5,16 @@ A workdir holds one run: config.json (the config that made it), classes.json,
 metrics.jsonl, checkpoints/, summary.json and a plot. Everything about the
 inputs is checked before the first file is written, so a rejected start
 leaves nothing that would block the corrected command.
+
+An exported folder (`export_weights`) holds one set of a run's weights instead of
+checkpoints: config.json, classes.json, summary.json and weights.npz, a few MB
+that the sampling and evaluation commands read as they read a workdir.
 """
 
 import pathlib
 
 import jax
+import numpy as np
 
 from cifarjax import config as config_lib, loop, mesh as mesh_lib, runlog
 from cifarjax.errors import UserError
@@ -22,6 +27,9 @@ def open_workdir(config, workdir, mesh=None, batch_fields=("batch_size",)):
   data path made absolute, so config.json names the same data from anywhere."""
   config = config_lib.with_absolute_data(config_lib.validate(config))
   workdir = pathlib.Path(workdir)
+  if is_export(workdir):
+    raise UserError(f"{workdir} holds exported weights, not a run to train or resume; "
+                    f"use another --workdir")
   config_lib.check_resumable(workdir, config)
   mesh = mesh or mesh_lib.make_mesh()
   for field in batch_fields:
@@ -72,3 +80,54 @@ def restore_latest(workdir, like, mismatch: str):
     return checkpoint.load_latest(pathlib.Path(workdir), like)
   except ValueError as e:
     raise UserError(mismatch) from e
+
+
+WEIGHTS_FILE = "weights.npz"  # an exported folder's weights: one array per parameter path
+
+
+def is_export(workdir) -> bool:
+  return (pathlib.Path(workdir) / WEIGHTS_FILE).is_file()
+
+
+def exported_weights(workdir) -> str | None:
+  """Which weights ("ema" or "raw") an exported folder holds; None for a training workdir."""
+  if not is_export(workdir):
+    return None
+  return runlog.read_json(pathlib.Path(workdir) / "summary.json")["exported_weights"]
+
+
+def export_weights(workdir, out, params, step: int, weights_from: str):
+  """Writes the folder `out`: the run's config.json and classes.json, its summary.json with
+  the exported step and weights added, and weights.npz holding `params` as float32 arrays
+  named by their paths ("Down_0/Conv_0/kernel"), readable without cifarjax."""
+  from flax import traverse_util
+  workdir, out = pathlib.Path(workdir), pathlib.Path(out)
+  if out.exists() and any(out.iterdir()):
+    raise UserError(f"--out {out} is not empty; name a new folder")
+  flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+  summary_path = workdir / "summary.json"
+  summary = runlog.read_json(summary_path) if summary_path.exists() else {}
+  out.mkdir(parents=True, exist_ok=True)
+  for name in ("config.json", "classes.json"):
+    (out / name).write_bytes((workdir / name).read_bytes())
+  runlog.write_json(out / "summary.json", {**summary, "exported_step": step,
+                                           "exported_weights": weights_from})
+  tmp = out / (WEIGHTS_FILE + ".tmp.npz")
+  np.savez(tmp, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+  tmp.replace(out / WEIGHTS_FILE)
+
+
+def load_exported(workdir, like_params, mismatch: str):
+  """(params laid out like `like_params`, the exported step, which weights they are) of an
+  exported folder; a UserError `mismatch` where the arrays do not fit."""
+  from flax import traverse_util
+  workdir = pathlib.Path(workdir)
+  want = traverse_util.flatten_dict(like_params, sep="/")
+  with np.load(workdir / WEIGHTS_FILE, allow_pickle=False) as npz:
+    got = {k: npz[k] for k in npz.files}
+  if set(got) != set(want) or any(got[k].shape != want[k].shape for k in want):
+    raise UserError(mismatch)
+  params = traverse_util.unflatten_dict(
+      {k: jax.device_put(got[k].astype(want[k].dtype), want[k].sharding) for k in want}, sep="/")
+  summary = runlog.read_json(workdir / "summary.json")
+  return params, summary["exported_step"], summary["exported_weights"]

@@ -196,7 +196,11 @@ def train(config: DiffusionConfig, workdir, mesh=None, model: nn.Module | None =
 
 def load_trained(workdir, mesh=None, model: nn.Module | None = None):
   """(model, state, config, class_names) of the latest checkpoint in a generator workdir:
-  the network its config names, or `model` where it was trained with a custom one."""
+  the network its config names, or `model` where it was trained with a custom one.
+
+  From an exported folder (`run.export_weights`), both params and ema_params hold the
+  exported weights and step the exported step; the optimizer state is a fresh one.
+  """
   config, class_names = run_lib.read_run(workdir, DiffusionConfig, "train-diffusion")
   mesh = mesh or mesh_lib.make_mesh()
   what = (f"the model passed ({type(model).__name__})" if model is not None else
@@ -205,6 +209,26 @@ def load_trained(workdir, mesh=None, model: nn.Module | None = None):
   model = model or make_unet(config, len(class_names))
   tx, _ = make_optimizer(config, 1)
   like = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
+  mismatch = f"the weights in {workdir} do not fit {what}"
+  if run_lib.is_export(workdir):
+    params, step, _ = run_lib.load_exported(workdir, like.params, mismatch)
+    return model, like.replace(params=params, ema_params=params,
+                               step=jax.device_put(jnp.int32(step), like.step.sharding)), \
+        config, class_names
   state = run_lib.restore_latest(workdir, like,
                                  f"the checkpoint in {workdir}/checkpoints does not fit {what}")
   return model, state, config, class_names
+
+
+def export(workdir, out, weights_from: str = "ema"):
+  """Writes the latest checkpoint's averaged ("ema") or raw weights to the folder `out`
+  (`run.export_weights`), which `load_trained`, `generate`, `interpolate` and
+  `evaluate_fid` read like a workdir. Returns the step exported."""
+  from cifarjax.errors import UserError
+  if weights_from not in ("ema", "raw"):
+    raise UserError(f"weights must be ema or raw, got {weights_from!r}")
+  _, state, _, _ = load_trained(workdir)
+  step = int(jax.device_get(state.step))
+  run_lib.export_weights(workdir, out, state.ema_params if weights_from == "ema" else state.params,
+                         step, weights_from)
+  return step

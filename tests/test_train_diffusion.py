@@ -375,6 +375,37 @@ def test_sample_cli_weights_from_raw_with_dpmpp_2m(run_dir, tmp_path):
   assert not np.array_equal(ema, expected)
 
 
+def test_exported_weights_sample_as_the_workdir_does(run_dir, tmp_path, capsys):
+  """export-diffusion writes config, classes and the averaged weights; sampling the folder
+  gives the workdir's images bitwise. The folder cannot be trained into, holds no raw
+  weights, and refuses weights that do not fit its config."""
+  workdir, _ = run_dir
+  out = tmp_path / "exported"
+  assert cli.main(["export-diffusion", "--workdir", str(workdir), "--out", str(out)]) == 0
+  assert sorted(p.name for p in out.iterdir()) == ["classes.json", "config.json",
+                                                   "summary.json", "weights.npz"]
+  summary = runlog.read_json(out / "summary.json")
+  assert (summary["exported_step"], summary["exported_weights"]) == (TINY.steps, "ema")
+  _, state, _, _ = td.load_trained(workdir)
+  with np.load(out / "weights.npz") as npz:
+    np.testing.assert_array_equal(npz["UNetBlock_0/TimeEncoder_0/Dense_0/kernel"],
+                                  state.ema_params["UNetBlock_0"]["TimeEncoder_0"]["Dense_0"]["kernel"])
+  np.testing.assert_array_equal(
+      generate.generate(out, [1, 4], **SAMPLER, seed=0, batch_size=2, progress=False),
+      generate.generate(workdir, [1, 4], **SAMPLER, seed=0, batch_size=2, progress=False))
+  with pytest.raises(UserError, match="exported ema weights only"):
+    generate.generate(out, [1], **SAMPLER, sample_from="raw")
+  with pytest.raises(UserError, match="holds exported weights, not a run to train"):
+    td.train(TINY, out)
+  assert cli.main(["export-diffusion", "--workdir", str(workdir), "--out", str(out)]) == 2
+  assert "not an empty folder" in capsys.readouterr().err
+  with np.load(out / "weights.npz") as npz:
+    arrays = {k: npz[k] for k in npz.files if k != "Conv_0/kernel"}
+  np.savez(out / "weights.npz", **arrays)
+  with pytest.raises(UserError, match="do not fit"):
+    td.load_trained(out)
+
+
 def test_train_step_compiles_once(run_dir):
   """As the classifier's: six steps, one trace of the train step and of the batch draw."""
   assert RUN_TRACES["calls"] == TINY.steps

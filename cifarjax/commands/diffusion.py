@@ -85,6 +85,15 @@ def register(subparsers):
                  help="a strip: image a, the frames, image b")
   p.set_defaults(func=interpolate)
 
+  p = subparsers.add_parser(
+      "export-diffusion", help="write a trained generator's weights to a folder of a few MB",
+      description="Write the latest checkpoint's weights, with the run's config and class "
+      "names, to a new folder that sample, interpolate and eval-diffusion read as a --workdir.")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True, help="a new folder")
+  _weights_from_arg(p)
+  p.set_defaults(func=export)
+
   p = subparsers.add_parser("eval-diffusion", help="FID of a trained generator's samples")
   p.add_argument("--workdir", required=True)
   p.add_argument("--num", type=int, required=True,
@@ -232,6 +241,20 @@ def interpolate(args):
   png = image_grid.write_strip(args.out, frames, sources=(a, b))
   names = [data.class_names[i] for i in labels]
   print(f"wrote {png}: image a, {len(frames)} frames, image b; labels {' '.join(names)}")
+
+
+def export(args):
+  import pathlib
+  from cifarjax import train_diffusion
+  from cifarjax.errors import UserError
+  _load_config(args.workdir)
+  out = pathlib.Path(args.out)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise UserError(f"--out {out} exists and is not an empty folder; name a new folder")
+  step = train_diffusion.export(args.workdir, out, args.weights_from)
+  size = (out / "weights.npz").stat().st_size / 2**20
+  print(f"wrote {out}: the {args.weights_from} weights of step {step} ({size:.1f} MiB); "
+        f"sample them with `cifarjax sample --workdir {out} ...`")
 
 
 def evaluate(args):
