@@ -53,6 +53,7 @@ class ClassifierConfig:
   label_smoothing: float = 0.0
   ema_decay: float = 0.0
   eval_flip: bool = False
+  layers: str = "auto"  # the layer set (models.layer_sets): auto, flax or xla_cpu
   seed: int = 0
   log_every: int = 50
   eval_every: int = 500
@@ -142,6 +143,7 @@ class DiffusionConfig:
   min_snr_gamma: float = 5.0  # used by loss_weighting "min-snr"
   train_on: str = "train"
   unet: str = "paper"
+  layers: str = "auto"  # the layer set (models.layer_sets): auto, flax or xla_cpu
   seed: int = 0
   log_every: int = 100
   eval_every: int = 1000  # loss of the raw and the EMA weights on a fixed noised batch
@@ -257,6 +259,8 @@ def _check_fields(config, prefix=""):
       _choice(name, v, models.UNETS)
     elif field.name == "model":
       _choice(name, v, models.CLASSIFIERS)
+    elif field.name == "layers":
+      _choice(name, v, models.layer_sets.LAYER_CHOICES)
     elif field.type in (int, "int"):
       _positive_int(name, v)  # steps, batch sizes, intervals, holdout, keep_checkpoints
 
@@ -412,14 +416,15 @@ def _same(key, saved, new) -> bool:
   return False
 
 
-# Fields that say how long and how visibly a run goes, not what it trains: a resume may change them.
+# Fields that say how long, how visibly or with which layer set a run goes, not what it trains:
+# a resume may change them.
 RUN_CONTROL = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-               "steps_per_call", "eval_batch_size")
+               "steps_per_call", "eval_batch_size", "layers")
 
 
 def check_resumable(workdir, config):
   """A workdir holds one run: resuming with another recipe is an error; the run-control
-  fields (RUN_CONTROL: length, cadences, steps per call) may change between calls.
+  fields (RUN_CONTROL: length, cadences, steps per call, layer set) may change between calls.
   Touches nothing: a workdir that is a file, or holds another kind of run or another
   config, raises a UserError before anything is written."""
   _check_folder(workdir)

@@ -48,12 +48,17 @@ def make_optimizer(config, steps_per_epoch: int):
   return OPTIMIZERS[config.optimizer](config.weight_decay, lr), lr
 
 
-def ema_update(average, new, step, decay: float):
-  """One step of a moving average of weights, its decay ramped up as min(decay, (1+t)/(10+t)).
+def ema_decay_at(step, decay: float):
+  """The moving average's decay at step t: min(decay, (1 + t) / (10 + t)).
 
   Without the ramp an average with decay 0.999 still holds ~37% of the initial
   weights after 1,000 steps; with it, the weight of step 0 has fallen below 1%
   by step 1,000, so a short run's average is a trained network.
   """
-  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(average, new, step, decay: float):
+  """One step of a moving average of weights, with the decay `ema_decay_at` gives."""
+  d = ema_decay_at(step, decay)
   return jax.tree.map(lambda e, x: e + (1.0 - d) * (x - e), average, new)

@@ -167,8 +167,9 @@ def train_eval_indices(n: int, size: int) -> np.ndarray:
 
 
 def make_model(config: ClassifierConfig, num_classes: int) -> nn.Module:
-  """The network `config.model` names in `models.CLASSIFIERS`."""
-  return models.CLASSIFIERS[config.model](num_classes, dropout_rate=config.dropout)
+  """The network `config.model` names in `models.CLASSIFIERS`, built with the config's layers."""
+  return models.CLASSIFIERS[config.model](num_classes, dropout_rate=config.dropout,
+                                          layers=models.layer_set(config.layers))
 
 
 def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None = None,

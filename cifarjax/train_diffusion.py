@@ -36,8 +36,9 @@ class DiffusionState:
 
 
 def make_unet(config: DiffusionConfig, num_classes: int) -> UNet:
-  """The network `config.unet` names in `models.UNETS`."""
-  return models.UNETS[config.unet](num_classes, config.num_timesteps)
+  """The network `config.unet` names in `models.UNETS`, built with the config's layers."""
+  return models.UNETS[config.unet](num_classes, config.num_timesteps,
+                                   layers=models.layer_set(config.layers))
 
 
 def make_schedule(config: DiffusionConfig) -> diffusion.Schedule:

@@ -16,7 +16,7 @@ Writes DIR/<model>-<devices>.npz with
   ema_params/<path>  (diffusion) the EMA parameters after the step.
 
 classifier: the paper classifier with dropout on; on 8 devices it also runs the batch as two
-chunks of 8 (`Classifier.chunk_size`; by default training on CPUs runs 4 chunks of 64 at batch
+chunks of 8 (`layer_sets.xla_cpu_layers`; by default training on CPUs runs 4 chunks of 64 at batch
 256), which again only reorders sums, so one comparison covers both. diffusion: a tiny U-Net
 generator (the same code path as the paper's, with label dropout on so that it is exercised).
 """
@@ -58,6 +58,7 @@ def adam_gradient(opt_state):
 def classifier(data):
   from cifarjax.config import ClassifierConfig
   from cifarjax.models import paper_classifier
+  from cifarjax.models.layer_sets import xla_cpu_layers
   from cifarjax.train_classifier import (init_state, make_draw, make_optimizer, make_train_step,
                                          put_split)
   config = ClassifierConfig(batch_size=16, dropout=0.4)
@@ -67,8 +68,10 @@ def classifier(data):
 
   def run(mesh):
     state = jax.device_put(host_state, mesh_lib.replicated(mesh))
-    chunked = model.clone(chunk_size=8 if mesh.size > 1 else 0)
-    assert chunked.num_chunks(config.batch_size, train=True) == (2 if mesh.size > 1 else 1)
+    layers = xla_cpu_layers(8 if mesh.size > 1 else 0)
+    split = layers.split_batch(np.zeros((config.batch_size, 1)), True)
+    assert len(getattr(split, "chunks", (split,))) == (2 if mesh.size > 1 else 1)
+    chunked = model.clone(layers=layers)
     return state, make_draw(*put_split(data, mesh), config, mesh), make_train_step(chunked, tx, mesh)
 
   return run, lambda s: {**flat("params", s.params), **flat("batch_stats", s.batch_stats)}

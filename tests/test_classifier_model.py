@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifarjax.models import Classifier, ExpandBlock, ResidualBlock, count_params, paper_classifier
+from cifarjax.models import (FLAX, XLA_CPU, Classifier, ExpandBlock, ResidualBlock, count_params,
+                             layer_set, paper_classifier)
+from cifarjax.models.layer_sets import xla_cpu_layers
+from cifarjax.models.xla_cpu import Chunks
 
 
 def _init(model, batch=2):
@@ -115,16 +118,22 @@ def test_dropout_sits_before_the_last_two_expansion_blocks():
     assert not np.allclose(a[name], b[name]), name
 
 
-def test_training_on_a_cpu_runs_batches_in_chunks_of_chunk_size():
-  model = paper_classifier(num_classes=10)
-  assert model.chunk_size == 64
-  assert model.num_chunks(256, train=True) == 4  # the tests run on CPU
-  assert model.num_chunks(256, train=False) == 1  # inference: the whole batch
-  assert model.num_chunks(100, train=True) == 1  # not a multiple of chunk_size
-  assert model.num_chunks(64, train=True) == 1
-  assert model.clone(chunk_size=0).num_chunks(256, train=True) == 1
+def test_the_xla_cpu_layers_train_batches_in_chunks_of_chunk_size():
+  """Training batches of a multiple of chunk_size (64), larger than it, run as interleaved
+  chunks; inference, other sizes and the flax layers run whole batches."""
+  x = jnp.zeros((256, 4, 4, 3))
+  chunks = XLA_CPU.split_batch(x, True)
+  assert isinstance(chunks, Chunks) and len(chunks.chunks) == 4 and chunks.shape == x.shape
+  assert XLA_CPU.split_batch(x, False) is x  # inference: the whole batch
+  assert XLA_CPU.split_batch(x[:100], True).shape == (100, 4, 4, 3)  # not a multiple
+  assert not isinstance(XLA_CPU.split_batch(x[:100], True), Chunks)
+  assert not isinstance(XLA_CPU.split_batch(x[:64], True), Chunks)
+  assert not isinstance(xla_cpu_layers(0).split_batch(x, True), Chunks)
+  assert FLAX.split_batch(x, True) is x
   with pytest.raises(ValueError, match="chunk_size must be 0"):
-    model.clone(chunk_size=-64).num_chunks(256, train=True)
+    xla_cpu_layers(-64)
+  assert paper_classifier().layers == "auto"
+  assert layer_set("auto") is XLA_CPU  # the tests run on the CPU
 
 
 def test_chunks_train_the_same_model_and_custom_blocks_see_the_whole_batch():
@@ -144,19 +153,19 @@ def test_chunks_train_the_same_model_and_custom_blocks_see_the_whole_batch():
 
   def count_chunks(next_fun, args, kwargs, context):
     if isinstance(context.module, ExpandBlock) and context.method_name == "__call__":
-      chunks_in.append(len(args[0]))
+      chunks_in.append(len(args[0].chunks) if isinstance(args[0], Chunks) else 1)
     return next_fun(*args, **kwargs)
 
   model = Classifier(num_classes=10, stem_channels=8, bottleneck_ratio=2,
                      layout=("residual", "pool", "expand", "record", "residual", "expand"),
-                     blocks={"record": Recorder}, dropout_rate=0.3, chunk_size=4)
+                     blocks={"record": Recorder}, dropout_rate=0.3, layers=xla_cpu_layers(4))
   x = jax.random.normal(jax.random.PRNGKey(1), (16, 32, 32, 3))
   variables = model.init(jax.random.PRNGKey(0), x)
   seen.clear()
   outputs = {}
   for size in (4, 0):
     with nn.intercept_methods(count_chunks):
-      logits, updates = model.clone(chunk_size=size).apply(
+      logits, updates = model.clone(layers=xla_cpu_layers(size)).apply(
           variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)},
           mutable=["batch_stats"])
     chex.assert_shape(logits, (16, 10))
@@ -171,15 +180,16 @@ def test_chunks_train_the_same_model_and_custom_blocks_see_the_whole_batch():
     np.testing.assert_allclose(got, want, rtol=0, atol=rtol * np.abs(want).max())
 
 
-def test_blocks_take_an_array_or_a_tuple_of_chunks_and_return_the_same_kind():
+def test_blocks_take_an_array_or_chunks_and_return_the_same_kind():
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 8, 6))
-  for block, channels in ((ResidualBlock(bottleneck_ratio=2), 6), (ExpandBlock(), 12)):
+  for block, channels in ((ResidualBlock(XLA_CPU, bottleneck_ratio=2), 6),
+                          (ExpandBlock(XLA_CPU), 12)):
     variables = block.init(jax.random.PRNGKey(0), x, train=False)
     y = block.apply(variables, x, train=False)
-    chunks = block.apply(variables, (x[:2], x[2:]), train=False)
-    assert isinstance(y, jax.Array) and isinstance(chunks, tuple) and len(chunks) == 2
+    chunks = block.apply(variables, Chunks((x[:2], x[2:])), train=False)
+    assert isinstance(y, jax.Array) and isinstance(chunks, Chunks) and len(chunks.chunks) == 2
     chex.assert_shape(y, (4, 8, 8, channels))
     # inference: running statistics, so a chunk's result is that of its examples alone
     # (same shapes, same program: exactly)
-    for chunk, alone in zip(chunks, (x[:2], x[2:])):
+    for chunk, alone in zip(chunks.chunks, (x[:2], x[2:])):
       np.testing.assert_array_equal(chunk, block.apply(variables, alone, train=False))

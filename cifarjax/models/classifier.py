@@ -21,35 +21,31 @@ own magnitude) turns into full-size steps that differ between 1 and 8 devices.
 from typing import Callable, Mapping, Sequence
 
 import flax.linen as nn
-import jax
 
-from cifarjax.models.layers import (BatchNorm, DepthwiseConv, as_chunks, each, like, max_pool_2x2,
-                                    merge_batch, pointwise_conv, spatial_mean, split_batch)
+from cifarjax.models.layer_sets import LayerSet, layer_set
 
 BN_MOMENTUM = 0.9  # PyTorch momentum=0.1
 BN_EPSILON = 1e-5
 
 
-def batch_norm(train: bool, name=None):
-  return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                   epsilon=BN_EPSILON, name=name)
+def batch_norm(train: bool, layers: "str | LayerSet" = "auto"):
+  """The classifier's BatchNorm (PyTorch's statistics: momentum 0.1, eps 1e-5) from a layer
+  set: batch statistics in training, running ones in inference."""
+  return layer_set(layers).batch_norm(use_running_average=not train, momentum=BN_MOMENTUM,
+                                      epsilon=BN_EPSILON)
 
 
 class ExpandBlock(nn.Module):
-  """Doubles the channels: conv (kernel_size) -> BatchNorm -> ReLU.
-
-  Takes NHWC maps, or a tuple of batch chunks of them (`Classifier.chunk_size`),
-  and returns the same kind.
-  """
+  """Doubles the channels: conv (kernel_size) -> BatchNorm -> ReLU."""
+  layers: "str | LayerSet" = "auto"
   kernel_size: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool):
-    chunks = as_chunks(x)
-    k, features = self.kernel_size, 2 * chunks[0].shape[-1]
-    conv = (pointwise_conv(features, use_bias=False) if k == 1 else
-            nn.Conv(features, (k, k), padding="SAME", use_bias=False))
-    return like(x, each(nn.relu, batch_norm(train)(each(conv, chunks))))
+    L = layer_set(self.layers)
+    k, features = self.kernel_size, 2 * x.shape[-1]
+    conv = L.conv1x1(features, use_bias=False) if k == 1 else L.conv(features, (k, k), False)
+    return L.relu(batch_norm(train, L)(conv(x)))
 
 
 class ResidualBlock(nn.Module):
@@ -57,24 +53,24 @@ class ResidualBlock(nn.Module):
 
   1x1 conv down to channels/bottleneck_ratio, BN, ReLU; depthwise 3x3 then
   pointwise 1x1 (a depthwise-separable conv), BN, ReLU; 1x1 conv back up, BN;
-  add the input; ReLU. Takes NHWC maps, or a tuple of batch chunks of them, and
-  returns the same kind.
+  add the input; ReLU.
   """
+  layers: "str | LayerSet" = "auto"
   bottleneck_ratio: int = 4
 
   @nn.compact
   def __call__(self, x, train: bool):
-    chunks = as_chunks(x)
-    channels = chunks[0].shape[-1]
+    L = layer_set(self.layers)
+    channels = x.shape[-1]
     width = channels // self.bottleneck_ratio
-    h = each(pointwise_conv(width, use_bias=False), chunks)
-    h = each(nn.relu, batch_norm(train)(h))
-    h = each(DepthwiseConv(3, use_bias=False), h)
-    h = each(pointwise_conv(width, use_bias=False), h)  # pointwise half of the separable conv
-    h = each(nn.relu, batch_norm(train)(h))
-    h = each(pointwise_conv(channels, use_bias=False), h)
-    h = batch_norm(train)(h)
-    return like(x, tuple(nn.relu(c + hc) for c, hc in zip(chunks, h)))
+    h = L.conv1x1(width, use_bias=False)(x)
+    h = L.relu(batch_norm(train, L)(h))
+    h = L.depthwise(3, use_bias=False)(h)
+    h = L.conv1x1(width, use_bias=False)(h)  # pointwise half of the separable conv
+    h = L.relu(batch_norm(train, L)(h))
+    h = L.conv1x1(channels, use_bias=False)(h)
+    h = batch_norm(train, L)(h)
+    return L.relu(x + h)
 
 
 class Classifier(nn.Module):
@@ -90,13 +86,7 @@ class Classifier(nn.Module):
   are called `block(x, train)` on the whole batch; e.g. `blocks={"fire": FireBlock}`
   with "fire" in the layout. Parameters are named after the class (FireBlock_0, ...).
 
-  chunk_size: training on a CPU runs a batch of a multiple of chunk_size images
-  as chunks of that many, layer by layer, BatchNorm's statistics taken over all
-  of them (`layers.split_batch`): XLA:CPU runs independent chunks on different
-  cores, where one op at a time used them poorly (docs/benchmarks.md); the
-  train step then takes about twice as long to compile. The same model up to
-  float rounding; 0 runs the whole batch at once. Other backends, and
-  inference, always run the whole batch.
+  layers: the layer set (`layer_sets`: "auto", "flax", "xla_cpu", or a LayerSet).
   """
   num_classes: int = 100
   stem_channels: int = 32
@@ -107,45 +97,33 @@ class Classifier(nn.Module):
   dropout_rate: float = 0.0
   dropout_before_last_expands: int = 2
   blocks: Mapping[str, Callable[[], nn.Module]] | None = None
-  chunk_size: int = 64
+  layers: "str | LayerSet" = "auto"
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     """images: float (B, H, W, 3), already normalised. Returns logits (B, num_classes)."""
-    num_chunks = self.num_chunks(images.shape[0], train)
+    L = layer_set(self.layers)
     k = self.stem_kernel
-    stem = nn.Conv(self.stem_channels, (k, k), padding="SAME", use_bias=False)
-    x = each(nn.relu, batch_norm(train)(each(stem, split_batch(images, num_chunks))))
+    x = L.split_batch(images, train)
+    x = L.relu(batch_norm(train, L)(L.conv(self.stem_channels, (k, k), False)(x)))
     num_expands = sum(token == "expand" for token in self.layout)
     expands_seen = 0
     for token in self.layout:
       if self.blocks and token in self.blocks:
-        x = split_batch(self.blocks[token]()(merge_batch(x), train), num_chunks)
+        x = L.split_batch(self.blocks[token]()(L.merge_batch(x), train), train)
       elif token == "expand":
         if self.dropout_rate and expands_seen >= num_expands - self.dropout_before_last_expands:
-          # on the whole batch: the same masks, chunked or not
-          dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
-          x = split_batch(dropout(merge_batch(x)), num_chunks)
+          x = L.dropout(self.dropout_rate, deterministic=not train)(x)
         expands_seen += 1
-        x = ExpandBlock(self.expand_kernel)(x, train)
+        x = ExpandBlock(L, self.expand_kernel)(x, train)
       elif token == "residual":
-        x = ResidualBlock(self.bottleneck_ratio)(x, train)
+        x = ResidualBlock(L, self.bottleneck_ratio)(x, train)
       elif token == "pool":
-        x = each(max_pool_2x2, x)
+        x = L.max_pool_2x2(x)
       else:
         extra = "".join(f", {k}" for k in self.blocks or ())
         raise ValueError(f"unknown layout token {token!r}; expected expand, residual, pool{extra}")
-    head = nn.Dense(self.num_classes)
-    return merge_batch(each(lambda c: head(spatial_mean(c)), x))
-
-  def num_chunks(self, batch_size: int, train: bool) -> int:
-    """How many chunks a batch runs as (see chunk_size)."""
-    if self.chunk_size < 0:
-      raise ValueError(f"chunk_size must be 0 (no chunks) or positive, got {self.chunk_size}")
-    if (not train or not self.chunk_size or batch_size % self.chunk_size
-        or jax.default_backend() != "cpu"):
-      return 1
-    return batch_size // self.chunk_size
+    return L.merge_batch(L.dense(self.num_classes)(L.spatial_mean(x)))
 
 
 PAPER_LAYOUT = ("residual", "residual", "expand", "residual", "residual", "pool",
@@ -153,7 +131,8 @@ PAPER_LAYOUT = ("residual", "residual", "expand", "residual", "residual", "pool"
                 "expand", "residual", "residual", "residual")
 
 
-def paper_classifier(num_classes: int = 100, dropout_rate: float = 0.0) -> Classifier:
+def paper_classifier(num_classes: int = 100, dropout_rate: float = 0.0,
+                     layers: "str | LayerSet" = "auto") -> Classifier:
   """The paper's model: 99,716 parameters for 100 classes (the paper: 99,703).
 
   Read from the paper: 5x5 stem; expansion blocks double the channels; residual
@@ -169,4 +148,4 @@ def paper_classifier(num_classes: int = 100, dropout_rate: float = 0.0) -> Class
   """
   return Classifier(num_classes=num_classes, stem_channels=16, stem_kernel=5,
                     layout=PAPER_LAYOUT, expand_kernel=1, bottleneck_ratio=2,
-                    dropout_rate=dropout_rate)
+                    dropout_rate=dropout_rate, layers=layers)

@@ -17,13 +17,13 @@ rest of its batch: a sampler may run one chain per example under `jax.vmap`
 (see `cifarjax.diffusion.sample`) and get what a batched call gives.
 """
 
+import functools
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cifarjax.models.layers import (ConvTranspose2x2, DepthwiseConv, GroupNorm, max_pool_2x2,
-                                    pointwise_conv)
+from cifarjax.models.layer_sets import LayerSet, layer_set
 
 MAX_GROUPS = 8
 
@@ -33,8 +33,8 @@ def num_groups(channels: int, max_groups: int = MAX_GROUPS) -> int:
   return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
 
 
-def group_norm(channels: int, name=None):
-  return GroupNorm(num_groups=num_groups(channels), name=name)
+def group_norm(channels: int, layers: "str | LayerSet" = "auto"):
+  return layer_set(layers).group_norm(num_groups(channels))
 
 
 class LabelEncoder(nn.Module):
@@ -72,15 +72,17 @@ class TimeEncoder(nn.Module):
 
 class ResidualBlock(nn.Module):
   """x + two rounds of (GroupNorm, GELU, depthwise 3x3, pointwise 1x1); channels unchanged."""
+  layers: "str | LayerSet" = "auto"
 
   @nn.compact
   def __call__(self, x):
+    L = layer_set(self.layers)
     channels = x.shape[-1]
     h = x
     for _ in range(2):
-      h = nn.gelu(group_norm(channels)(h))
-      h = DepthwiseConv(3)(h)
-      h = pointwise_conv(channels)(h)
+      h = L.gelu(group_norm(channels, L)(h))
+      h = L.depthwise(3)(h)
+      h = L.conv1x1(channels)(h)
     return x + h
 
 
@@ -88,13 +90,13 @@ class UNetBlock(nn.Module):
   """One level's stage: h = label_enc * h + time_enc, then `num_blocks` residual blocks.
 
   residual_block: a module class (or factory) called with no arguments, whose
-  instances map h to a tensor of h's shape; default the paper's `ResidualBlock`.
+  instances map h to a tensor of h's shape.
   """
   num_classes: int
   num_timesteps: int
   embed_hidden: int
   num_blocks: int
-  residual_block: Callable[[], nn.Module] = ResidualBlock
+  residual_block: Callable[[], nn.Module]
 
   @nn.compact
   def __call__(self, h, t, labels):
@@ -125,7 +127,9 @@ class UNet(nn.Module):
   Labels lie in [0, num_classes]; the index num_classes is the "null" label for
   classifier-free guidance, so the label tables have num_classes + 1 rows.
   H and W must be divisible by 2^(L-1). residual_block replaces every level's
-  residual block (see `UNetBlock`), as `Classifier(blocks=...)` replaces its blocks.
+  residual block (see `UNetBlock`; default the paper's `ResidualBlock`), as
+  `Classifier(blocks=...)` replaces its blocks. layers: the layer set
+  (`layer_sets`: "auto", "flax", "xla_cpu", or a LayerSet).
   """
   num_classes: int = 100
   num_timesteps: int = 1000
@@ -133,7 +137,8 @@ class UNet(nn.Module):
   channel_mults: Sequence[int] = (1, 2, 2)
   blocks_per_level: int = 6
   embed_hidden: int = 128
-  residual_block: Callable[[], nn.Module] = ResidualBlock
+  residual_block: Callable[[], nn.Module] | None = None
+  layers: "str | LayerSet" = "auto"
 
   @nn.compact
   def __call__(self, x, t, labels):
@@ -142,28 +147,31 @@ class UNet(nn.Module):
     x: float (B, H, W, C); t: int (B,) in [0, num_timesteps); labels: int (B,)
     in [0, num_classes]. Returns float32 (B, H, W, C).
     """
+    L = layer_set(self.layers)
     widths = [self.base_channels * m for m in self.channel_mults]
+    residual_block = self.residual_block or functools.partial(ResidualBlock, L)
     block = lambda: UNetBlock(self.num_classes, self.num_timesteps, self.embed_hidden,
-                              self.blocks_per_level, self.residual_block)
-    h = nn.Conv(widths[0], (3, 3), padding="SAME")(x)
+                              self.blocks_per_level, residual_block)
+    h = L.conv(widths[0], (3, 3))(x)
     skips = []
     for level, width in enumerate(widths):
       if level:
-        h = pointwise_conv(width)(max_pool_2x2(h))
+        h = L.conv1x1(width)(L.max_pool_2x2(h))
       h = block()(h, t, labels)
       skips.append(h)
     for i, level in enumerate(reversed(range(len(widths) - 1))):
       width = widths[level]
-      # named as the nn.ConvTranspose it replaces, so that checkpoints keep their names
-      h = ConvTranspose2x2(width, name=f"ConvTranspose_{i}")(h)
+      # named as flax names an nn.ConvTranspose, whichever layer set makes it
+      h = L.conv_transpose2x2(width, name=f"ConvTranspose_{i}")(h)
       h = jnp.concatenate([h, skips[level]], axis=-1)
-      h = pointwise_conv(width)(h)  # concatenation doubled the channels; reduce them
+      h = L.conv1x1(width)(h)  # concatenation doubled the channels; reduce them
       h = block()(h, t, labels)
-    h = nn.gelu(group_norm(widths[0])(h))
-    return nn.Conv(x.shape[-1], (3, 3), padding="SAME")(h)
+    h = L.gelu(group_norm(widths[0], L)(h))
+    return L.conv(x.shape[-1], (3, 3))(h)
 
 
-def paper_unet(num_classes: int = 100, num_timesteps: int = 1000) -> UNet:
+def paper_unet(num_classes: int = 100, num_timesteps: int = 1000,
+               layers: "str | LayerSet" = "auto") -> UNet:
   """The paper's generator: 996,859 parameters for 100 classes (the paper: 996,863).
 
   Read from the paper: label and timestep encoders; conditioning by
@@ -181,11 +189,12 @@ def paper_unet(num_classes: int = 100, num_timesteps: int = 1000) -> UNet:
   count under 1,000,000 and closest to 996,863; this is 4 short of it.
   """
   return UNet(num_classes=num_classes, num_timesteps=num_timesteps, base_channels=42,
-              channel_mults=(1, 2, 2, 2), blocks_per_level=6, embed_hidden=190)
+              channel_mults=(1, 2, 2, 2), blocks_per_level=6, embed_hidden=190, layers=layers)
 
 
-def tiny_unet(num_classes: int = 100, num_timesteps: int = 1000) -> UNet:
+def tiny_unet(num_classes: int = 100, num_timesteps: int = 1000,
+              layers: "str | LayerSet" = "auto") -> UNet:
   """Every code path of `paper_unet` (two levels, the encoders, a residual block per
   level) at a size tests compile in seconds."""
   return UNet(num_classes=num_classes, num_timesteps=num_timesteps, base_channels=8,
-              channel_mults=(1, 2), blocks_per_level=1, embed_hidden=16)
+              channel_mults=(1, 2), blocks_per_level=1, embed_hidden=16, layers=layers)

@@ -1,11 +1,12 @@
-"""Layers that XLA compiles well on CPUs too, each equal to a standard one up to float rounding.
+"""The layers of the `xla_cpu` layer set: each equals a flax layer up to float rounding, and
+XLA:CPU compiles it into a faster train step.
 
 Same parameters, same results; only the way XLA:CPU computes them differs.
 Each replaces a pattern that dominated the classifier's or the generator's
 CPU train step in XLA's per-op profile (docs/benchmarks.md has the numbers):
 
-- `DepthwiseConv`: k*k shifted multiply-adds instead of XLA:CPU's slow
-  grouped convolution (other backends keep the convolution).
+- `shifted_depthwise_conv`: a depthwise convolution as k*k shifted
+  multiply-adds instead of XLA:CPU's slow grouped convolution.
 - `pointwise_conv`: a 1x1 convolution whose gradients are matmuls, not
   convolutions over transposed activations, and whose forward under
   differentiation shares its input rows with the kernel's gradient.
@@ -16,6 +17,12 @@ CPU train step in XLA's per-op profile (docs/benchmarks.md has the numbers):
 - `ConvTranspose2x2`: a 2x2 stride-2 transposed convolution as one matmul.
 - `max_pool_2x2`, `spatial_mean`: a pool and a global average written as
   fused elementwise maxima and short sums.
+- `Chunks`: a training batch as interleaved chunks that run layer by layer as
+  independent ops, which XLA:CPU spreads over its cores (one op at a time uses
+  them poorly); `BatchNorm` takes its statistics over all chunks together, and
+  `chunkwise` applies any other layer to each chunk.
+
+Off the CPU, the plain flax layers (`layer_sets.FLAX`) are the faster ones.
 """
 
 
@@ -64,24 +71,6 @@ def _shifted_depthwise_bwd(residuals, g):
 
 
 shifted_depthwise_conv.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
-
-
-class DepthwiseConv(nn.Module):
-  kernel_size: int = 3
-  use_bias: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    channels, k = x.shape[-1], self.kernel_size
-    if k % 2 != 1:
-      raise ValueError(f"DepthwiseConv needs an odd kernel size for SAME padding, got {k}")
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, channels))
-    bias = self.param("bias", nn.initializers.zeros, (channels,)) if self.use_bias else None
-    if jax.default_backend() == "cpu":
-      return shifted_depthwise_conv(x, kernel, bias)
-    y = lax.conv_general_dilated(x, kernel, (1, 1), "SAME", feature_group_count=channels,
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y if bias is None else y + bias
 
 
 @jax.custom_vjp
@@ -142,9 +131,6 @@ class Conv(nn.Module):
     return pointwise(x, kernel, bias)
 
 
-def pointwise_conv(features: int, use_bias: bool = True) -> Conv:
-  """A 1x1 convolution layer, `nn.Conv(features, (1, 1), use_bias=use_bias)`'s equal (`Conv`)."""
-  return Conv(features, use_bias)
 
 
 class ConvTranspose2x2(nn.Module):
@@ -198,7 +184,7 @@ def channel_sums(*arrays):
   products of a 3x3 kernel's gradient) are summed in a single pass over them
   rather than one pass each.
   """
-  if jax.default_backend() != "cpu" or arrays[0].ndim != 4:
+  if arrays[0].ndim != 4:
     return tuple(jnp.sum(a, axis=tuple(range(a.ndim - 1))) for a in arrays)
   return tuple(p.sum(axis=(0, 1)) for p in _sums_over_w(arrays))
 
@@ -206,8 +192,6 @@ def channel_sums(*arrays):
 def image_channel_sums(*arrays):
   """Per-image, per-channel sums over H and W of NHWC arrays (one (N, C) sum per
   array), in two stages as `channel_sums`."""
-  if jax.default_backend() != "cpu":
-    return tuple(jnp.sum(a, axis=(1, 2)) for a in arrays)
   return tuple(p.sum(axis=1) for p in _sums_over_w(arrays))
 
 
@@ -230,50 +214,71 @@ def written_out(x):
   a fused body about half as fast as its elementwise loops. XLA:CPU does not fuse
   a reduction into its consumers, so x as the sum of x and zeros over a stacked
   axis is computed once. Exact as any XLA:CPU arithmetic: x + 0 is x (a -0 becomes
-  +0; a subnormal becomes 0, as in every XLA:CPU op). Other backends get x.
+  +0; a subnormal becomes 0, as in every XLA:CPU op).
   """
-  if jax.default_backend() != "cpu":
-    return x
   return lax.reduce(jnp.stack([x, jnp.zeros_like(x)]), jnp.zeros((), x.dtype), lax.add, (0,))
 
 
-def split_batch(x, num_chunks: int):
-  """x (B, ...) as a tuple of num_chunks arrays of B // num_chunks examples each.
+@jax.tree_util.register_pytree_node_class
+class Chunks:
+  """A batch held as interleaved chunks: chunk j holds examples j, j + n, j + 2n, ...
 
-  Interleaved (chunk j holds examples j, j + num_chunks, ...): a batch split over
-  devices in contiguous blocks is then split within each device, so no chunk
-  moves between devices, as long as a chunk's size is a multiple of the number
-  of devices (else XLA moves them: the same results, slower).
+  Layers apply to each chunk on its own (`chunkwise`), as separate ops that
+  XLA:CPU runs side by side; `BatchNorm` takes its statistics over all of them.
+  Interleaved, a batch split over devices in contiguous blocks is split within
+  each device, so no chunk moves between devices as long as a chunk's size is a
+  multiple of the number of devices. `shape` is the whole batch's; `+` adds
+  chunk by chunk (residual connections).
   """
-  if num_chunks < 1 or x.shape[0] % num_chunks:
-    raise ValueError(f"cannot split a batch of {x.shape[0]} into {num_chunks} equal chunks")
-  if num_chunks == 1:
-    return (x,)
-  x = x.reshape(x.shape[0] // num_chunks, num_chunks, *x.shape[1:])
-  return tuple(x[:, j] for j in range(num_chunks))
+
+  def __init__(self, chunks):
+    self.chunks = tuple(chunks)
+
+  @classmethod
+  def split(cls, x, num_chunks: int) -> "Chunks":
+    if num_chunks < 1 or x.shape[0] % num_chunks:
+      raise ValueError(f"cannot split a batch of {x.shape[0]} into {num_chunks} equal chunks")
+    x = x.reshape(x.shape[0] // num_chunks, num_chunks, *x.shape[1:])
+    return cls(x[:, j] for j in range(num_chunks))
+
+  def merge(self):
+    """The batch these chunks were split from."""
+    if len(self.chunks) == 1:
+      return self.chunks[0]
+    stacked = jnp.stack(self.chunks, axis=1)
+    return stacked.reshape(-1, *stacked.shape[2:])
+
+  @property
+  def shape(self):
+    first = self.chunks[0].shape
+    return (first[0] * len(self.chunks), *first[1:])
+
+  def __add__(self, other):
+    return Chunks(a + b for a, b in zip(self.chunks, other.chunks))
+
+  def tree_flatten(self):
+    return self.chunks, None
+
+  @classmethod
+  def tree_unflatten(cls, _, chunks):
+    return cls(chunks)
 
 
-def merge_batch(chunks):
-  """The batch that `split_batch` split into chunks."""
-  if len(chunks) == 1:
-    return chunks[0]
-  stacked = jnp.stack(chunks, axis=1)
-  return stacked.reshape(-1, *stacked.shape[2:])
+def chunkwise(fn):
+  """fn applied to each chunk of `Chunks`, or to a plain array as it is. fn may be a flax
+  module: every chunk then goes through the same parameters."""
+  def apply(x):
+    return Chunks(fn(c) for c in x.chunks) if isinstance(x, Chunks) else fn(x)
+  return apply
 
 
-def each(fn, chunks):
-  """fn applied to every chunk of a batch."""
-  return tuple(fn(c) for c in chunks)
+def _chunks_of(x):
+  return x.chunks if isinstance(x, Chunks) else (x,)
 
 
-def as_chunks(x):
-  """x as a tuple of batch chunks: x itself if it is a tuple or list of them, else (x,)."""
-  return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def like(x, chunks):
-  """chunks returned in x's kind: a tuple or list where x was one, else its one array."""
-  return type(x)(chunks) if isinstance(x, (tuple, list)) else chunks[0]
+def _like(x, chunks):
+  """chunks in x's form: Chunks where x is, else its one array."""
+  return Chunks(chunks) if isinstance(x, Chunks) else chunks[0]
 
 
 def _summed_over_chunks(sums_per_chunk):
@@ -284,21 +289,21 @@ def _summed_over_chunks(sums_per_chunk):
 def batch_norm_train(x, scale, bias, epsilon):
   """BatchNorm with batch statistics: (y, mean, var), var = E[x^2] - E[x]^2 as flax computes it.
 
-  x: NHWC maps, or a tuple of batch chunks of them (`split_batch`), whose
-  statistics are taken over all chunks together; y is then a tuple too.
+  x: NHWC maps, or `Chunks` of them, whose statistics are taken over all chunks
+  together; y is then `Chunks` too.
   """
   return _batch_norm_fwd(x, scale, bias, epsilon)[0]
 
 
 def _batch_norm_fwd(x, scale, bias, epsilon):
-  chunks = as_chunks(x)
+  chunks = _chunks_of(x)
   n = sum(c.size // c.shape[-1] for c in chunks)
   s1, s2 = _summed_over_chunks(channel_sums(c, c * c) for c in chunks)
   mean = s1 / n
   var = jnp.maximum(0.0, s2 / n - mean * mean)
   inv = lax.rsqrt(var + epsilon)
-  y = each(lambda c: (c - mean) * (inv * scale) + bias, chunks)
-  return (like(x, y), mean, var), (x, mean, inv, scale)
+  y = tuple((c - mean) * (inv * scale) + bias for c in chunks)
+  return (_like(x, y), mean, var), (x, mean, inv, scale)
 
 
 def _batch_norm_bwd(epsilon, residuals, cotangents):
@@ -307,7 +312,7 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
   del epsilon  # inside inv already
   x, mean, inv, scale = residuals
   g, g_mean, g_var = cotangents
-  chunks, g_chunks = as_chunks(x), as_chunks(g)
+  chunks, g_chunks = _chunks_of(x), _chunks_of(g)
   n = sum(c.size // c.shape[-1] for c in chunks)
   sum_g, sum_g_centred = _summed_over_chunks(
       channel_sums(gc, gc * (c - mean)) for c, gc in zip(chunks, g_chunks))
@@ -315,7 +320,7 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
   shift = (g_mean - a * sum_g) / n
   slope = (2 * g_var - a * inv * inv * sum_g_centred) / n
   dx = tuple(a * gc + shift + (c - mean) * slope for c, gc in zip(chunks, g_chunks))
-  return like(x, dx), sum_g_centred * inv, sum_g
+  return _like(x, dx), sum_g_centred * inv, sum_g
 
 
 batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
@@ -326,8 +331,8 @@ class BatchNorm(nn.Module):
 
   In training its reductions go through `channel_sums`, forward and backward.
   Running statistics: `ra = momentum * ra + (1 - momentum) * batch`, with the
-  batch variance biased (divided by n), as flax's. Takes NHWC maps, or a tuple
-  of batch chunks of them (statistics over all chunks; returns a tuple).
+  batch variance biased (divided by n), as flax's. Takes NHWC maps, or `Chunks`
+  of them (statistics over all chunks; returns `Chunks`).
   """
   use_running_average: bool = False
   momentum: float = 0.99
@@ -335,15 +340,14 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    chunks = as_chunks(x)
-    features = chunks[0].shape[-1]
+    features = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (features,))
     bias = self.param("bias", nn.initializers.zeros, (features,))
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,))
     ra_var = self.variable("batch_stats", "var", jnp.ones, (features,))
     if self.use_running_average:
       a = lax.rsqrt(ra_var.value + self.epsilon) * scale
-      return like(x, each(lambda c: (c - ra_mean.value) * a + bias, chunks))
+      return chunkwise(lambda c: (c - ra_mean.value) * a + bias)(x)
     y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
     if not self.is_initializing():
       m = self.momentum

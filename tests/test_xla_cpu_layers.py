@@ -1,4 +1,4 @@
-"""models/layers: each CPU-friendly layer equals the standard flax/lax layer it replaces.
+"""models/xla_cpu: each layer of the xla_cpu set equals the standard flax/lax layer it replaces.
 
 References are computed in float64 with numpy or by the standard layer; a float32
 sum of n terms is within n * eps32 of the exact sum relative to the sum of the
@@ -13,10 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifarjax.models.layers import (BatchNorm, ConvTranspose2x2, DepthwiseConv, GroupNorm,
-                                    channel_sums, image_channel_sums, max_pool_2x2, merge_batch,
-                                    pointwise_conv, shifted_depthwise_conv, spatial_mean,
-                                    split_batch, written_out)
+import functools
+
+from cifarjax.models import layer_sets
+from cifarjax.models.xla_cpu import (BatchNorm, Chunks, Conv, ConvTranspose2x2, GroupNorm,
+                                     channel_sums, image_channel_sums, max_pool_2x2,
+                                     shifted_depthwise_conv, spatial_mean, written_out)
+
+# the xla_cpu set's depthwise convolution: the shared layer, computed by shifted products
+DepthwiseConv = functools.partial(layer_sets.DepthwiseConv, conv=shifted_depthwise_conv)
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -93,7 +98,7 @@ def test_channel_sums_and_spatial_mean_equal_float64_sums():
 def test_pointwise_conv_equals_a_1x1_nn_conv_with_the_same_parameters():
   rng = np.random.default_rng(2)
   x = rng.normal(size=(3, 5, 4, 6)).astype(np.float32)
-  ours, theirs = pointwise_conv(7), nn.Conv(7, (1, 1))
+  ours, theirs = Conv(7), nn.Conv(7, (1, 1))
   params = theirs.init(jax.random.PRNGKey(0), x)
   chex.assert_trees_all_equal_shapes_and_dtypes(ours.init(jax.random.PRNGKey(0), x), params)
   params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias too
@@ -118,18 +123,19 @@ def test_max_pool_2x2_equals_nn_max_pool_with_its_gradient():
   np.testing.assert_array_equal(*grads)  # distinct inputs: each window's gradient goes to its max
 
 
-def test_split_batch_interleaves_examples_and_merge_batch_undoes_it():
+def test_chunks_interleave_examples_and_merge_undoes_it():
   x = np.arange(8 * 2 * 2 * 3, dtype=np.float32).reshape(8, 2, 2, 3)
-  chunks = split_batch(x, 4)
-  assert len(chunks) == 4
-  for j, chunk in enumerate(chunks):
+  chunks = Chunks.split(x, 4)
+  assert len(chunks.chunks) == 4 and chunks.shape == x.shape
+  for j, chunk in enumerate(chunks.chunks):
     # chunk j holds examples j, j + 4: a batch sharded over devices in contiguous
     # blocks is then split within each device
     np.testing.assert_array_equal(chunk, x[j::4])
-  np.testing.assert_array_equal(merge_batch(chunks), x)
-  assert split_batch(x, 1)[0] is x and merge_batch((x,)) is x
+  np.testing.assert_array_equal(chunks.merge(), x)
+  np.testing.assert_array_equal((chunks + chunks).merge(), 2 * x)
+  assert len(jax.tree.leaves(chunks)) == 4  # a pytree: jit and grad see its arrays
   with pytest.raises(ValueError, match="cannot split a batch of 8 into 3 equal chunks"):
-    split_batch(x, 3)
+    Chunks.split(x, 3)
 
 
 def _batch_norm_reference(x, scale, bias, eps):
@@ -142,7 +148,7 @@ def _batch_norm_reference(x, scale, bias, eps):
 
 @pytest.mark.parametrize("num_chunks", [None, 1, 4])
 def test_batch_norm_matches_flax_batch_norm_in_outputs_running_stats_and_gradients(num_chunks):
-  """num_chunks: ours gets the batch as that many chunks (`split_batch`), None: as one array;
+  """num_chunks: ours gets the batch as that many chunks (`Chunks`), None: as one array;
   its statistics are those of the whole batch either way."""
   rng = np.random.default_rng(4)
   x = rng.normal(0.5, 2.0, (16, 6, 6, 5)).astype(np.float32)
@@ -159,10 +165,10 @@ def test_batch_norm_matches_flax_batch_norm_in_outputs_running_stats_and_gradien
   def loss(module, params, x):
     chunked = module is ours and num_chunks
     y, updates = module.apply({**variables, "params": params},
-                              split_batch(x, num_chunks) if chunked else x, mutable=["batch_stats"])
+                              Chunks.split(x, num_chunks) if chunked else x, mutable=["batch_stats"])
     if chunked:
-      assert isinstance(y, tuple) and len(y) == num_chunks
-      y = merge_batch(y)
+      assert isinstance(y, Chunks) and len(y.chunks) == num_chunks
+      y = y.merge()
     return (jnp.sin(y) * cotangent).sum(), (y, updates["batch_stats"])
 
   results = [jax.grad(lambda p, v: loss(m, p, v), argnums=(0, 1), has_aux=True)(
@@ -186,7 +192,7 @@ def test_batch_norm_matches_flax_batch_norm_in_outputs_running_stats_and_gradien
 
 def test_batch_norm_gradient_through_its_statistics():
   # The mean and variance it returns are differentiable too (not only y).
-  from cifarjax.models.layers import batch_norm_train
+  from cifarjax.models.xla_cpu import batch_norm_train
   rng = np.random.default_rng(5)
   x = rng.normal(1.0, 1.5, (4, 3, 3, 2)).astype(np.float32)
   scale, bias = np.float32([1.5, 0.5]), np.float32([0.1, -0.2])
