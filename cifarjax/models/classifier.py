@@ -31,6 +31,9 @@ BN_EPSILON = 1e-5
 
 
 def batch_norm(train: bool, name=None):
+  """The classifier's BatchNorm, for blocks of your own too: PyTorch's settings (statistics
+  move 0.1 per batch, eps 1e-5), the batch's statistics when train, the running ones
+  otherwise. Takes NHWC maps or a tuple of batch chunks of them (`layers.BatchNorm`)."""
   return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                    epsilon=BN_EPSILON, name=name)
 
