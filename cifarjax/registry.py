@@ -68,6 +68,9 @@ def settings(entry, protocol) -> dict | None:
   for p in params[len(fixed):]:
     if p.kind == p.VAR_KEYWORD:
       return None
+    if p.default is p.empty and p.kind != p.VAR_POSITIONAL:
+      raise UserError(f"{_name(entry)}'s parameter {p.name} needs a default: its registry "
+                      f"passes only {', '.join(fixed)}, and settings are optional")
     if (p.kind == p.VAR_POSITIONAL or not _json_value(p.default)
         or inspect.isclass(entry) and p.name in ("parent", "name")):  # a flax Module's own
       continue  # not a setting: left at its default

@@ -90,6 +90,7 @@ def test_what_counts_as_a_setting():
   def takes_any(num_timesteps, **kwargs): ...
   def typed(num_timesteps, *, dtype=jnp.float32, offsets=(1, 2), name: str = "a"): ...
   def too_few(predict, schedule, x, key, num_steps): ...
+  def no_default(predict, schedule, x, key, num_steps, eta, s_noise): ...
 
   class Block(nn.Module):  # a flax module registered as its own factory
     num_classes: int
@@ -103,6 +104,8 @@ def test_what_counts_as_a_setting():
   with pytest.raises(UserError, match="too_few takes 5 positional parameters; its registry "
                      "passes 6 \\(predict, schedule, x, key, num_steps, eta\\)"):
     registry.settings(too_few, diffusion.Sampler)
+  with pytest.raises(UserError, match="no_default's parameter s_noise needs a default"):
+    registry.settings(no_default, diffusion.Sampler)
 
 
 def test_settings_are_checked_against_the_entry_and_completed():
