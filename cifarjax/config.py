@@ -332,7 +332,8 @@ def validate(config):
 def override(config, values: dict):
   """`config` with fields replaced. Keys are field names or dotted paths into nested
   configs ("augment.crop_prob") or into an entry's settings ("schedule_kwargs.s"); values
-  are used as given (check with `validate`)."""
+  are used as given (check with `validate`). Naming another entry (a schedule, ...) drops
+  the settings of the one it replaces, unless `values` gives its settings whole."""
   direct, nested = {}, {}
   for key, value in values.items():
     head, _, rest = key.partition(".")
@@ -340,8 +341,12 @@ def override(config, values: dict):
       nested.setdefault(head, {})[rest] = value
     else:
       direct[head] = value
+  for field, spec in ENTRY_FIELDS.items():
+    if spec.settings and direct.get(field, getattr(config, field, None)) != getattr(
+        config, field, None):
+      direct.setdefault(spec.settings, {})
   for head, sub in nested.items():
-    current = getattr(config, head)
+    current = direct.get(head, getattr(config, head))
     direct[head] = {**current, **sub} if isinstance(current, dict) else override(current, sub)
   return dataclasses.replace(config, **direct)
 

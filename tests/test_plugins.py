@@ -148,6 +148,12 @@ def test_set_reaches_an_entry_s_settings():
   # --set merges one setting into those given so far.
   config = config_lib.override(config, {"schedule_kwargs.beta_start": 0.001})
   assert config.schedule_kwargs == {"beta_start": 0.001, "beta_end": 0.03}
+  # Another entry drops the settings of the one it replaces: min-snr's gamma is not none's.
+  improved = config_lib.DIFFUSION_PRESETS["improved"]
+  assert config_lib.override(improved, {"loss_weighting": "none"}).loss_weighting_kwargs == {}
+  assert config_lib.override(improved, {"loss_weighting": "min-snr"}) == improved
+  assert config_lib.override(improved, {"loss_weighting": "none", "loss_weighting_kwargs.a": 1}
+                             ).loss_weighting_kwargs == {"a": 1}
   for text, message in [("schedule_kwargs=3", "--set schedule_kwargs wants a JSON object of "
                                               'settings, e.g. {"s": 0.02}, got \'3\''),
                         ("schedule_kwargs.a.b=1", "--set schedule_kwargs.a.b: schedule_kwargs is "
