@@ -3,6 +3,13 @@
 Each group of subcommands lives in `cifarjax/commands/<group>.py` and exposes
 `register(subparsers)`; a subcommand's parser sets `func(args) -> int|None`.
 
+Every command takes `--import MODULE` (repeatable) and loads the `cifarjax.plugins` entry
+points first (`cifarjax.plugins`), so variants of one's own are registered before the
+command checks its options; a command on a workdir imports the modules its config.json
+records too. `main(argv)` runs a command in the calling process, changing none of its
+settings (a script that registered variants itself can call it); `run()` is the
+`cifarjax` command, which starts its own process with settings for speed.
+
 Mistakes in the input (`errors.UserError`, and the messages cifarjax's own code
 raises) print as one line `cifarjax <command>: error: ...` with exit code 2;
 Ctrl-C prints one line and exits 130; real bugs keep their traceback. Phase
@@ -11,6 +18,7 @@ messages and notices go to stderr, results to stdout.
 
 import argparse
 import contextlib
+import copy
 import functools
 import importlib
 import logging
@@ -31,10 +39,17 @@ COMMAND_MODULES = (
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-  """Shows each option's default, except where there is none to show (None, False)."""
+  """Shows each option's default, except where there is none to show (None, False, []), and
+  writes a help given as a function when it is shown."""
+
+  def _format_action(self, action):
+    if callable(action.help):  # written when shown: `commands.registered_help`
+      action = copy.copy(action)
+      action.help = action.help()
+    return super()._format_action(action)
 
   def _get_help_string(self, action):
-    if action.default is None or action.default is False:
+    if action.default is None or action.default is False or action.default == []:
       return action.help or ""
     return super()._get_help_string(action)
 
@@ -49,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
       parser_class=functools.partial(argparse.ArgumentParser, formatter_class=HelpFormatter))
   for name in COMMAND_MODULES:
     importlib.import_module(name).register(subparsers)
+  from cifarjax.commands import import_flag
+  for subparser in subparsers.choices.values():
+    import_flag(subparser)
   return parser
 
 
@@ -95,17 +113,36 @@ def _messages_to_stderr(prefix: str):
     logger.propagate = saved[1]
 
 
-def main(argv=None) -> int:
+def _imports_named(argv) -> list[str]:
+  """The modules `--import MODULE` / `--import=MODULE` name in argv."""
+  named = [b for a, b in zip(argv, argv[1:]) if a == "--import"]
+  return named + [a.split("=", 1)[1] for a in argv if a.startswith("--import=")]
+
+
+def _run(argv) -> int | None:
+  from cifarjax import plugins
+  plugins.load_entry_points()
+  if "-h" in argv or "--help" in argv:  # the help lists what the imports register
+    plugins.import_modules(_imports_named(argv))
   args = build_parser().parse_args(argv)
-  keep_call_buffers()
-  prefix = f"cifarjax {args.command}"
+  plugins.import_modules(args.imports)
+  if getattr(args, "workdir", None):
+    plugins.import_recorded(args.workdir)
+  return args.func(args)
+
+
+def main(argv=None) -> int:
+  """Runs `cifarjax argv...` in this process and returns its exit code."""
+  argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+  command = argv[0] if argv and not argv[0].startswith("-") else ""
+  prefix = f"cifarjax {command}".strip()
   with _messages_to_stderr(prefix):
     try:
-      return args.func(args) or 0
+      return _run(argv) or 0
     except KeyboardInterrupt as e:
       message = str(e) if isinstance(e, errors.Interrupted) else "interrupted." + (
           " Run the same command to resume from the latest checkpoint."
-          if args.command.startswith("train-") else "")
+          if command.startswith("train-") else "")
       print(f"{prefix}: {message}", file=sys.stderr)
       return 130
     except Exception as e:
@@ -152,8 +189,10 @@ def keep_call_buffers():
 
 
 def run():
-  """The `cifarjax` command: `main()` in a process started with MALLOC_TUNABLES."""
+  """The `cifarjax` command: `main()` in a process started with MALLOC_TUNABLES, its CPU
+  calls on the main thread (`keep_call_buffers`)."""
   reexec_with_huge_pages(["-m", "cifarjax", *sys.argv[1:]])
+  keep_call_buffers()
   sys.exit(main())
 
 

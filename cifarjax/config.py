@@ -1,16 +1,23 @@
 """Run configurations: frozen dataclasses whose defaults are the paper's recipe.
 
-A run writes its config to `config.json` beside its checkpoints and metrics, and
-`from_dict` reads it back, so every number traces to the settings that made it.
+A run writes its config to `config.json` beside its checkpoints and metrics, with a
+record of the code of the registry entries it names (`plugins.record`), and
+`load_run_config` reads it back, so every number traces to the settings that made it.
 """
 
 import dataclasses
 import json
 import pathlib
+from typing import NamedTuple
 
-from cifarjax import diffusion, models, optim
+from cifarjax import diffusion, models, optim, plugins, registry
 from cifarjax.augment import AugmentConfig
 from cifarjax.errors import UserError, UserFileNotFoundError
+
+
+def _settings():
+  """A config field holding the settings of a registry entry it names (`registry`)."""
+  return dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +28,9 @@ class ClassifierConfig:
   PyTorch's `Adam(weight_decay=...)` (the paper's optimiser) does; not AdamW's
   decoupled decay. lr_decay multiplies the learning rate once per epoch
   (PyTorch's ExponentialLR stepped each epoch). model names the network in
-  `cifarjax.models.CLASSIFIERS` ("paper": `paper_classifier`).
+  `cifarjax.models.CLASSIFIERS` ("paper": `paper_classifier`); model_kwargs holds
+  its settings (`models.ClassifierFactory`), completed with their defaults by
+  `validate`.
 
   Beyond the paper (its values are the defaults; `CLASSIFIER_PRESETS["improved"]`
   combines them, see experiments/README.md for what each gave):
@@ -38,6 +47,7 @@ class ClassifierConfig:
     mirror image.
   """
   model: str = "paper"
+  model_kwargs: dict = _settings()
   data: str = "cifar100"
   holdout: int = 5000  # held-out train images standing in for test where a source has none
   steps: int = 10_000
@@ -108,9 +118,9 @@ class DiffusionConfig:
     (`diffusion.PREDICTIONS`).
   - loss_weighting: "none" (DDPM's simplified loss, the paper's) or "min-snr"
     (Hang et al. 2023): each timestep's error in x_0 weighted by
-    min(SNR_t, min_snr_gamma), i.e. min(SNR, gamma) / SNR on the eps error and
-    min(SNR, gamma) / (SNR + 1) on the v error; it stops the many easy
-    low-noise steps from dominating the gradient.
+    min(SNR_t, gamma) (loss_weighting_kwargs {"gamma": 5.0}), i.e. min(SNR, gamma) /
+    SNR on the eps error and min(SNR, gamma) / (SNR + 1) on the v error; it stops
+    the many easy low-noise steps from dominating the gradient.
   The paper allows, and its final model used (section 6, "trained on the
   entire dataset"):
   - train_on: "train", or "train+test": the test split (or, where the source
@@ -121,6 +131,10 @@ class DiffusionConfig:
   the Annotated Diffusion blog the paper's code came from).
   unet names the network in `cifarjax.models.UNETS` ("paper": 996,859
   parameters for 100 classes; "tiny": for tests).
+  unet_kwargs, schedule_kwargs and loss_weighting_kwargs hold the settings of
+  those entries (the keyword parameters of their functions, e.g. the sigmoid
+  schedule's tau: `--set schedule_kwargs.tau=0.9`), completed with their
+  defaults by `validate`.
 
   DIFFUSION_PRESETS["improved"] is the paper's recipe with v-prediction,
   min-SNR-5 weighting and label dropout 0.1 (so that guidance can be used);
@@ -134,16 +148,18 @@ class DiffusionConfig:
   learning_rate: float = 0.003  # Adam
   lr_decay: float = 0.995
   schedule: str = "sigmoid"  # the paper's choice (FID 75.19 against the linear schedule's 90.52)
+  schedule_kwargs: dict = _settings()
   num_timesteps: int = 1000
   hflip_prob: float = 0.5
   ema_decay: float = 0.999
   label_dropout: float = 0.0
   prediction: str = "eps"
   loss_weighting: str = "none"
-  min_snr_gamma: float = 5.0  # used by loss_weighting "min-snr"
+  loss_weighting_kwargs: dict = _settings()
   train_on: str = "train"
   unet: str = "paper"
   layers: str = "auto"  # the layer set (models.layer_sets): auto, flax or xla_cpu
+  unet_kwargs: dict = _settings()
   seed: int = 0
   log_every: int = 100
   eval_every: int = 1000  # loss of the raw and the EMA weights on a fixed noised batch
@@ -159,8 +175,8 @@ class DiffusionConfig:
 DIFFUSION_PRESETS = {
     "paper": DiffusionConfig(),
     "linear-schedule": DiffusionConfig(schedule="linear", batch_size=128),
-    "improved": DiffusionConfig(prediction="v", loss_weighting="min-snr", min_snr_gamma=5.0,
-                                label_dropout=0.1),
+    "improved": DiffusionConfig(prediction="v", loss_weighting="min-snr",
+                                loss_weighting_kwargs={"gamma": 5.0}, label_dropout=0.1),
 }
 
 
@@ -181,6 +197,30 @@ RUN_KINDS = {"ClassifierConfig": "classifier (train-classifier)",
              "DiffusionConfig": "generator (train-diffusion)"}
 # DiffusionConfig.train_on: the splits of the data a generator trains on, concatenated.
 TRAINING_SPLITS = {"train": ("train",), "train+test": ("train", "test")}
+
+
+class EntryField(NamedTuple):
+  """A config field that names a registry entry."""
+  registry: str  # a key of plugins.registries()
+  what: str  # how messages call its entries
+  settings: str | None  # the config field that holds the entry's settings
+  protocol: type | None  # the registry's contract, whose positional parameters come first
+
+
+ENTRY_FIELDS = {
+    "model": EntryField("CLASSIFIERS", "classifier", "model_kwargs", models.ClassifierFactory),
+    "unet": EntryField("UNETS", "U-Net", "unet_kwargs", models.UNetFactory),
+    "schedule": EntryField("SCHEDULES", "schedule", "schedule_kwargs", diffusion.ScheduleFn),
+    "prediction": EntryField("PREDICTIONS", "prediction", None, None),
+    "loss_weighting": EntryField("LOSS_WEIGHTINGS", "loss weighting", "loss_weighting_kwargs",
+                                 diffusion.LossWeighting),
+}
+
+
+def entries_used(config) -> list:
+  """The registry entries a config names (`plugins.Use`), in ENTRY_FIELDS' order."""
+  return [plugins.Use(field, spec.registry, spec.what, getattr(config, field))
+          for field, spec in ENTRY_FIELDS.items() if hasattr(config, field)]
 
 
 def flag_name(field: str) -> str:
@@ -245,32 +285,41 @@ def _check_fields(config, prefix=""):
       _positive_int(name, v)
       if v < 2:
         raise UserError(f"{name} must be at least 2, got {v}")
-    elif field.name == "schedule":
-      _choice(name, v, diffusion.SCHEDULES)
-    elif field.name == "prediction":
-      _choice(name, v, diffusion.PREDICTIONS)
-    elif field.name == "loss_weighting":
-      _choice(name, v, diffusion.LOSS_WEIGHTINGS)
-    elif field.name == "min_snr_gamma":
-      _number(name, v, 0, float("inf"), low_open=True, high_open=True)
+    elif field.name in ENTRY_FIELDS:
+      spec = ENTRY_FIELDS[field.name]
+      registry.lookup(plugins.registries()[spec.registry], spec.what, v, flag=name)
     elif field.name == "train_on":
       _choice(name, v, TRAINING_SPLITS)
-    elif field.name == "unet":
-      _choice(name, v, models.UNETS)
-    elif field.name == "model":
-      _choice(name, v, models.CLASSIFIERS)
     elif field.name == "layers":
       _choice(name, v, models.layer_sets.LAYER_CHOICES)
     elif field.type in (int, "int"):
       _positive_int(name, v)  # steps, batch sizes, intervals, holdout, keep_checkpoints
 
 
+def _with_settings(config):
+  """config with the settings of each entry it names checked against the entry's signature
+  and completed with its defaults (`registry.check_settings`)."""
+  registered = plugins.registries()
+  changes = {}
+  for field, spec in ENTRY_FIELDS.items():
+    if spec.settings and hasattr(config, field):
+      name = getattr(config, field)
+      changes[spec.settings] = registry.check_settings(
+          registered[spec.registry][name], getattr(config, spec.settings), spec.protocol,
+          f"{spec.what} {name!r}", f"config field {spec.settings}")
+  return dataclasses.replace(config, **changes)
+
+
 def validate(config):
-  """Checks every value of a ClassifierConfig or DiffusionConfig (ranges and types).
+  """Checks every value of a ClassifierConfig or DiffusionConfig (ranges and types), and
+  returns it with the settings of the registry entries it names completed with their
+  defaults (so config.json holds them all).
 
   Raises a UserError naming the CLI flag (or the config field where no flag sets it)
   and the value, e.g. "--batch-size must be positive, got 0". Called by the trainers
-  before the workdir is touched, so a rejected run leaves nothing behind.
+  before the workdir is touched, so a rejected run leaves nothing behind. The entries'
+  own checks of their settings run when the trainers build them, also before any file
+  is written.
   """
   _check_fields(config)
   if getattr(config, "lr_schedule", None) == "cosine" and config.warmup_steps >= config.steps:
@@ -281,12 +330,14 @@ def validate(config):
     if getattr(config, field) % k:
       raise UserError(f"{flag_name(field)} {getattr(config, field)} must be a multiple of "
                       f"{flag_name('steps_per_call')} {k}, so that fused calls end on it")
-  return config
+  return _with_settings(config)
 
 
 def override(config, values: dict):
   """`config` with fields replaced. Keys are field names or dotted paths into nested
-  configs ("augment.crop_prob"); values are used as given (check with `validate`)."""
+  configs ("augment.crop_prob") or into an entry's settings ("schedule_kwargs.s"); values
+  are used as given (check with `validate`). Naming another entry (a schedule, ...) drops
+  the settings of the one it replaces, unless `values` gives its settings whole."""
   direct, nested = {}, {}
   for key, value in values.items():
     head, _, rest = key.partition(".")
@@ -294,8 +345,13 @@ def override(config, values: dict):
       nested.setdefault(head, {})[rest] = value
     else:
       direct[head] = value
+  for field, spec in ENTRY_FIELDS.items():
+    if spec.settings and direct.get(field, getattr(config, field, None)) != getattr(
+        config, field, None):
+      direct.setdefault(spec.settings, {})
   for head, sub in nested.items():
-    direct[head] = override(getattr(config, head), sub)
+    current = direct.get(head, getattr(config, head))
+    direct[head] = {**current, **sub} if isinstance(current, dict) else override(current, sub)
   return dataclasses.replace(config, **direct)
 
 
@@ -306,7 +362,9 @@ def _field_type(cls, path: str, full: str):
     raise UserError(f"--set {full}: {_kind(cls.__name__)} configs have no field {head!r}; "
                     f"fields: {', '.join(fields)}")
   ftype = fields[head].type
-  ftype = {"int": int, "float": float, "str": str, "bool": bool}.get(ftype, ftype)
+  ftype = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}.get(ftype, ftype)
+  if rest and ftype is dict and "." not in rest:
+    return object  # a setting: any JSON value (`setting_value`)
   if rest:
     if not dataclasses.is_dataclass(ftype):
       raise UserError(f"--set {full}: {head} is a {getattr(ftype, '__name__', ftype)}, "
@@ -318,9 +376,19 @@ def _field_type(cls, path: str, full: str):
   return ftype
 
 
+def setting_value(text: str):
+  """A setting's value as the command line gives it: a JSON value (0.02, 3, true, [1, 2],
+  "a b"), else the text itself as a string. Its entry's default's type checks it."""
+  try:
+    return json.loads(text)
+  except ValueError:
+    return text
+
+
 def parse_assignments(cls, texts) -> dict:
   """{field path: value} from the CLI's `--set FIELD=VALUE` strings, each value converted
-  to its field's type (int, float, str or bool) or rejected with a line naming it."""
+  to its field's type (int, float, str, bool, a dict from a JSON object) or rejected with
+  a line naming it; `--set schedule_kwargs.s=0.02` sets one setting (`setting_value`)."""
   values = {}
   for text in texts:
     key, sep, raw = text.partition("=")
@@ -329,15 +397,22 @@ def parse_assignments(cls, texts) -> dict:
       raise UserError(f"--set wants FIELD=VALUE (e.g. learning_rate=0.001), got {text!r}")
     ftype = _field_type(cls, key, key)
     try:
-      if ftype is bool:
+      if ftype is object:
+        value = setting_value(raw)
+      elif ftype is dict:
+        value = json.loads(raw)
+        if not isinstance(value, dict):
+          raise ValueError
+      elif ftype is bool:
         if raw.lower() not in ("true", "false", "1", "0"):
           raise ValueError
         value = raw.lower() in ("true", "1")
       else:
         value = ftype(raw)
     except ValueError:
-      raise UserError(f"--set {key} wants {'an' if ftype is int else 'a'} "
-                      f"{ftype.__name__}, got {raw!r}") from None
+      kind = ("a JSON object of settings, e.g. {\"s\": 0.02}" if ftype is dict else
+              f"{'an' if ftype is int else 'a'} {ftype.__name__}")
+      raise UserError(f"--set {key} wants {kind}, got {raw!r}") from None
     values[key] = value
   return values
 
@@ -360,8 +435,20 @@ def to_dict(config) -> dict:
   return dataclasses.asdict(config)
 
 
+def _upgrade(cls, d: dict) -> dict:
+  """A saved config's fields as this version names them: DiffusionConfig.min_snr_gamma is
+  the setting gamma of the loss weighting "min-snr" now."""
+  d = dict(d)
+  if cls is DiffusionConfig and "min_snr_gamma" in d:
+    gamma = d.pop("min_snr_gamma")
+    if d.get("loss_weighting") == "min-snr":
+      d.setdefault("loss_weighting_kwargs", {"gamma": gamma})
+  return d
+
+
 def from_dict(cls, d: dict):
   """Rebuilds a (nested) config dataclass from `to_dict`'s output."""
+  d = _upgrade(cls, d)
   kwargs = {}
   for field in dataclasses.fields(cls):
     if field.name not in d:
@@ -378,9 +465,19 @@ def from_dict(cls, d: dict):
   return cls(**kwargs)
 
 
-def save_json(config, path):
+def save_json(config, path, record: dict | None = None):
+  """Writes config.json: the run kind, every field, and the record of the registry entries
+  the config names (`plugins.record`: theirs now, unless `record` gives another)."""
+  record = record or plugins.record(entries_used(config))
   with open(path, "w") as f:
-    json.dump({"type": type(config).__name__, **to_dict(config)}, f, indent=2)
+    json.dump({"type": type(config).__name__, **to_dict(config), **record}, f, indent=2)
+
+
+def read_saved(path) -> tuple:
+  """(run kind, config fields, record of registry entries) of a config.json."""
+  saved = json.loads(pathlib.Path(path).read_text())
+  kind = saved.pop("type", None)
+  return kind, saved, {key: saved.pop(key) for key in plugins.RECORD_KEYS if key in saved}
 
 
 def _kind(name) -> str:
@@ -393,18 +490,28 @@ def _check_folder(workdir):
     raise UserError(f"--workdir {workdir} is a file, not a folder; name a folder for the run")
 
 
-def load_run_config(workdir, cls, what: str, train_command: str):
-  """The config a run saved in `workdir`, checked to be a `cls` run (`what` names it)."""
+def load_run_config(workdir, cls, what: str, train_command: str, note_changes: bool = False):
+  """The config a run saved in `workdir`, checked to be a `cls` run (`what` names it).
+
+  Imports the modules its config.json records first, and checks that every registry
+  entry it names is registered (a UserError naming what is missing and the --import
+  that brings it); note_changes: a Notice for each entry whose code changed since the
+  run started (`plugins.note_changes`).
+  """
   _check_folder(workdir)
   path = pathlib.Path(workdir) / "config.json"
   if not path.exists():
     raise UserFileNotFoundError(f"{workdir} holds no run (no config.json); train one with "
                                 f"`cifarjax {train_command} --workdir {workdir}`")
-  saved = json.loads(path.read_text())
-  kind = saved.pop("type", None)
+  kind, saved, recorded = read_saved(path)
   if kind != cls.__name__:
     raise UserError(f"{workdir} holds a {_kind(kind)} run, not a {what}")
-  return from_dict(cls, saved)
+  plugins.import_modules(recorded.get("imports", ()), recorded_in=workdir)
+  config = from_dict(cls, saved)
+  plugins.check_registered(entries_used(config), recorded.get("registry", {}), workdir)
+  if note_changes:
+    plugins.note_changes(entries_used(config), recorded.get("registry", {}), workdir)
+  return config
 
 
 def _same(key, saved, new) -> bool:
@@ -431,14 +538,16 @@ def check_resumable(workdir, config):
   path = pathlib.Path(workdir) / "config.json"
   if not path.exists():
     return
-  saved = json.loads(path.read_text())
-  kind = saved.pop("type", None)
+  kind, saved, recorded = read_saved(path)
   if kind != type(config).__name__:
     raise UserError(f"{workdir} holds a {_kind(kind)} run, not a "
                     f"{_kind(type(config).__name__)} run; use another --workdir")
+  plugins.import_modules(recorded.get("imports", ()), recorded_in=workdir)
   new = json.loads(json.dumps(to_dict(config)))  # tuples as JSON lists, as saved
   # A field newer than the saved run held its default there.
-  saved = {**json.loads(json.dumps(to_dict(type(config)()))), **saved}
+  saved = _completed(
+      {**json.loads(json.dumps(to_dict(type(config)()))), **_upgrade(type(config), saved)},
+      config)
   differ = sorted(k for k in new if k not in RUN_CONTROL and not _same(k, saved.get(k), new[k]))
   if saved.get("lr_schedule") == "cosine" and saved["steps"] != new["steps"] and not differ:
     raise UserError(f"{workdir} holds a run whose learning rate anneals to 0 at --steps "
@@ -449,3 +558,17 @@ def check_resumable(workdir, config):
                         for k in differ[:4])
     raise UserError(f"{workdir} holds a run with another config ({', '.join(differ)} differ: "
                     f"{details}); use another --workdir, or the same settings to resume")
+  plugins.note_changes(entries_used(config), recorded.get("registry", {}), workdir)
+
+
+def _completed(saved: dict, config) -> dict:
+  """The saved fields with the settings of each entry that `config` names too completed
+  with the entry's defaults, as `validate` completes config's (runs saved before
+  settings were recorded hold none)."""
+  registered = plugins.registries()
+  for field, spec in ENTRY_FIELDS.items():
+    name = saved.get(field)
+    if spec.settings and name == getattr(config, field, None) and name in registered[spec.registry]:
+      defaults = registry.settings(registered[spec.registry][name], spec.protocol) or {}
+      saved[spec.settings] = json.loads(json.dumps({**defaults, **saved[spec.settings]}))
+  return saved

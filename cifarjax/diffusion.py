@@ -13,29 +13,28 @@ A `model_fn(x, t, labels) -> output` is the network applied to a batch: x float
 choice, the paper's), or v. Labels lie in [0, num_classes]; the index
 num_classes is the "null" label of classifier-free guidance.
 
-Choices by name live in registries, each a dict: `SCHEDULES` (name ->
-schedule(num_timesteps)), `SAMPLERS` (name -> reverse chain), `PREDICTIONS`
-and `LOSS_WEIGHTINGS`. Adding one is a function and an entry; an unknown
-name raises a ValueError that lists the registered ones.
+Choices by name live in registries, each a plain dict whose contract is a
+`Protocol` here: `SCHEDULES` (`ScheduleFn`), `SAMPLERS` (`Sampler`), `PREDICTIONS`
+(`Prediction`), `LOSS_WEIGHTINGS` (`LossWeighting`) and `CLIPS`. Adding one is a
+function and an entry; its keyword parameters after the contract's are its
+settings (`cifarjax.registry`), which configs pass as `schedule_kwargs`,
+`loss_weighting_kwargs` and `sample(..., sampler_kwargs=...)`. An unknown name
+raises a ValueError (`errors.UserError`) that lists the registered ones.
 
 Everything here traces under `jax.jit`: shapes are static and the reverse
 chains run under `jax.lax.scan`, with no Python loop over timesteps.
 """
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cifarjax import registry
+from cifarjax.errors import UserError
+
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-def _registered(registry: dict, what: str, name: str):
-  """registry[name], or a ValueError naming what is registered."""
-  if name not in registry:
-    raise ValueError(f"unknown {what} {name!r}; registered: {', '.join(registry)}")
-  return registry[name]
 
 
 class Schedule(NamedTuple):
@@ -63,8 +62,12 @@ class Schedule(NamedTuple):
 
 
 def schedule_from_betas(betas) -> Schedule:
-  """Every Schedule constant from betas (T,); computed in float64, stored as float32."""
+  """Every Schedule constant from betas (T,), each in [0, 1) (a ValueError otherwise);
+  computed in float64, stored as float32."""
   betas = np.asarray(betas, np.float64)
+  if betas.ndim != 1 or not (np.isfinite(betas).all() and (betas >= 0).all() and (betas < 1).all()):
+    raise ValueError(f"betas must be a vector of numbers in [0, 1), got shape {betas.shape} "
+                     f"from {np.min(betas, initial=np.inf)} to {np.max(betas, initial=-np.inf)}")
   alphas = 1.0 - betas
   alphas_cumprod = np.cumprod(alphas)
   alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
@@ -138,16 +141,34 @@ def sigmoid_blog_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4,
   return schedule_from_betas(1.0 / (1.0 + np.exp(-z)) * (beta_end - beta_start) + beta_start)
 
 
-SCHEDULES: dict[str, Callable[[int], Schedule]] = {
+class ScheduleFn(Protocol):
+  """What `SCHEDULES` holds: schedule(num_timesteps, **settings) -> Schedule.
+
+  Returns the `Schedule` of num_timesteps steps (`schedule_from_betas` makes one from any
+  betas, each in [0, 1)). Its settings are its keyword parameters after num_timesteps,
+  each with a JSON default (`DiffusionConfig.schedule_kwargs`); it raises ValueError for a
+  value it cannot take. Runs once per run, in numpy: no tracing.
+  """
+
+  def __call__(self, num_timesteps: int, **settings: Any) -> Schedule: ...
+
+
+SCHEDULES: dict[str, ScheduleFn] = {
     "sigmoid": sigmoid_schedule,  # the paper's choice (Jabri et al. 2022)
     "linear": linear_schedule,  # DDPM's
     "sigmoid-blog": sigmoid_blog_schedule,
 }
 
 
-def make_schedule(name: str, num_timesteps: int) -> Schedule:
-  """The registered schedule `name` (see SCHEDULES) over num_timesteps steps."""
-  return _registered(SCHEDULES, "schedule", name)(num_timesteps)
+def make_schedule(name: str, num_timesteps: int, schedule_kwargs: dict | None = None) -> Schedule:
+  """The registered schedule `name` (see SCHEDULES) over num_timesteps steps, with its
+  settings; a ValueError where what it returns is no Schedule of num_timesteps steps."""
+  schedule = registry.lookup(SCHEDULES, "schedule", name)(num_timesteps, **(schedule_kwargs or {}))
+  shape = getattr(getattr(schedule, "betas", None), "shape", None)
+  if not isinstance(schedule, Schedule) or shape != (num_timesteps,):
+    raise ValueError(f"schedule {name!r} must return a diffusion.Schedule of {num_timesteps} "
+                     f"steps, got {type(schedule).__name__} of betas shaped {shape}")
+  return schedule
 
 
 def _expand(v, ndim):
@@ -220,12 +241,26 @@ V_PREDICTION = Prediction(
 PREDICTIONS: dict[str, Prediction] = {"eps": EPS_PREDICTION, "v": V_PREDICTION}
 
 
-def no_weighting(snr, x0_error_scale, min_snr_gamma):
+class LossWeighting(Protocol):
+  """What `LOSS_WEIGHTINGS` holds: weigh(snr, x0_error_scale, **settings) -> weights.
+
+  snr: float32 (B,), each example's SNR_t (> 0); x0_error_scale: the prediction's
+  `Prediction.x0_error_scale(snr)`, (B,). Returns the weight (B,) of each example's squared
+  error in the prediction's own units: a weighting defined on the x0 error w(SNR) returns
+  w(SNR) / x0_error_scale. Traced inside the jitted train step, so jnp only. Settings:
+  keyword parameters after x0_error_scale with JSON defaults
+  (`DiffusionConfig.loss_weighting_kwargs`).
+  """
+
+  def __call__(self, snr: jax.Array, x0_error_scale: jax.Array, **settings: Any) -> jax.Array: ...
+
+
+def no_weighting(snr, x0_error_scale):
   """DDPM's simplified objective: every timestep weighs the same."""
   return jnp.ones_like(snr)
 
 
-def min_snr_weighting(snr, x0_error_scale, min_snr_gamma):
+def min_snr_weighting(snr, x0_error_scale, gamma: float = 5.0):
   """Min-SNR-gamma (Hang et al. 2023): the x0 error weighted by min(SNR, gamma).
 
   In the prediction's own error that is min(SNR, gamma) / x0_error_scale:
@@ -233,32 +268,40 @@ def min_snr_weighting(snr, x0_error_scale, min_snr_gamma):
   the weight of the low-noise steps, whose easy targets otherwise dominate
   the gradient.
   """
-  return jnp.minimum(snr, min_snr_gamma) / x0_error_scale
+  if not gamma > 0:
+    raise ValueError(f"gamma must be positive, got {gamma}")
+  return jnp.minimum(snr, gamma) / x0_error_scale
 
 
-LOSS_WEIGHTINGS: dict[str, Callable] = {"none": no_weighting, "min-snr": min_snr_weighting}
+LOSS_WEIGHTINGS: dict[str, LossWeighting] = {"none": no_weighting, "min-snr": min_snr_weighting}
 
 
 def loss_weights(schedule: Schedule, t, *, prediction: str = "eps", loss_weighting: str = "none",
-                 min_snr_gamma: float = 5.0):
-  """The per-example loss weights (shaped like t) of a weighting for a prediction."""
-  weigh = _registered(LOSS_WEIGHTINGS, "loss weighting", loss_weighting)
-  scale = _registered(PREDICTIONS, "prediction", prediction).x0_error_scale
+                 loss_weighting_kwargs: dict | None = None):
+  """The per-example loss weights (shaped like t) of a weighting, with its settings, for a
+  prediction."""
+  weigh = registry.lookup(LOSS_WEIGHTINGS, "loss weighting", loss_weighting)
+  scale = registry.lookup(PREDICTIONS, "prediction", prediction).x0_error_scale
   ratio = snr(schedule, t)
-  return weigh(ratio, scale(ratio), min_snr_gamma)
+  weights = weigh(ratio, scale(ratio), **(loss_weighting_kwargs or {}))
+  if jnp.shape(weights) not in ((), ratio.shape):
+    raise ValueError(f"loss weighting {loss_weighting!r} must return one weight per example "
+                     f"{ratio.shape}, got shape {jnp.shape(weights)}")
+  return jnp.broadcast_to(weights, ratio.shape)
 
 
 def training_loss(model_fn: ModelFn, schedule: Schedule, x0, labels, rng, *,
                   prediction: str = "eps", loss_weighting: str = "none",
-                  min_snr_gamma: float = 5.0):
+                  loss_weighting_kwargs: dict | None = None):
   """The denoising loss of a batch: noise each image to a uniform random t, regress the target.
 
   x0: float (B, ...) in the model's range; labels: int32 (B,). rng splits into
   the timestep and the noise keys. The loss is the mean over the batch and the
-  pixels of weight_t (output - target)^2. With the defaults (eps, unweighted)
-  it is DDPM's simplified objective, the paper's: every weight is 1, exactly.
+  pixels of weight_t (output - target)^2 (`loss_weights`, with the weighting's
+  settings). With the defaults (eps, unweighted) it is DDPM's simplified
+  objective, the paper's: every weight is 1, exactly.
   """
-  target_of = _registered(PREDICTIONS, "prediction", prediction).target
+  target_of = registry.lookup(PREDICTIONS, "prediction", prediction).target
   t_key, noise_key = jax.random.split(rng)
   t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_timesteps)
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
@@ -266,7 +309,7 @@ def training_loss(model_fn: ModelFn, schedule: Schedule, x0, labels, rng, *,
   alpha = _at(schedule.sqrt_alphas_cumprod, t, x0.ndim)
   sigma = _at(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
   weights = loss_weights(schedule, t, prediction=prediction, loss_weighting=loss_weighting,
-                         min_snr_gamma=min_snr_gamma)
+                         loss_weighting_kwargs=loss_weighting_kwargs)
   output = model_fn(x_t, t, labels).astype(jnp.float32)
   error = jnp.square(output - target_of(x0, noise, alpha, sigma))
   return jnp.mean(_expand(weights, error.ndim) * error)
@@ -397,20 +440,58 @@ def _is_zero(eta) -> bool:
   return isinstance(eta, (int, float)) and eta == 0
 
 
-# A sampler runs one example's reverse chain: sampler(predict, schedule, x_T, key,
-# num_steps, eta) -> x at the clean level, float32 like x_T. predict(x, t) -> (eps, x0) is
-# the model at level t (`_denoiser`); key drives the sampler's own noise; num_steps
-# (static) and eta are `sample`'s. Under `jax.vmap` in `sample`, so no batch axis here.
+class Denoiser(Protocol):
+  """The model as a sampler sees it: predict(x, t) -> (eps, x0), one example at level t.
+
+  x: float32 image (H, W, C), no batch axis; t: int32 scalar in [0, T). Returns the noise
+  and the clean image the network's output implies (`Prediction.to_eps`/`to_x0`), as a
+  consistent pair: with `sample`'s clip, x0 is clipped and eps recomputed from it, so x =
+  alpha_t x0 + sigma_t eps holds either way. Guidance is already applied. One network
+  call per call: a sampler's cost is its number of predict calls.
+  """
+
+  def __call__(self, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]: ...
+
+
+class Sampler(Protocol):
+  """What `SAMPLERS` holds: one example's reverse chain, from noise x_T to a clean image.
+
+  sampler(predict, schedule, x, key, num_steps, eta, **settings) -> x at the clean level,
+  float32, shaped like x.
+  - predict: a `Denoiser`, the model at a level t >= 0.
+  - schedule: the run's `Schedule` (traced: read it with jnp, e.g. `alpha_bar`, `log_snr`).
+  - x: x_T, float32 (H, W, C): one example, since `sample` vmaps the chain over the batch.
+  - key: a PRNG key of the sampler's own noise (this example's).
+  - num_steps: the model calls to take (a Python int, static), or None for the sampler's
+    default; raise ValueError for a number it cannot take.
+  - eta: the noise to add, a Python float as `sample`'s caller gave it (DDIM's eta: 0 is
+    deterministic, 1 ancestral); raise ValueError where the sampler takes no eta.
+  - settings: keyword parameters after eta with JSON defaults (`sample`'s sampler_kwargs,
+    `--sampler-arg NAME=VALUE`).
+  Run the steps under `jax.lax.scan`, so that the chain compiles once whatever its
+  length. Public helpers for the steps: `sampling_timesteps` (evenly spaced timesteps),
+  `log_snr_timesteps` (evenly in log-SNR), `next_levels` (the level each step lands on,
+  -1 = the clean image), `alpha_bar`, `log_snr`, `ddim_step`, `ddpm_step`.
+  `check_sampler` traces a sampler without a model, so a sampler's errors come before
+  any work.
+  """
+
+  def __call__(self, predict: Denoiser, schedule: Schedule, x: jax.Array, key: jax.Array,
+               num_steps: int | None, eta: float, **settings: Any) -> jax.Array: ...
+
 
 def ddpm_sampler(predict, schedule: Schedule, x, key, num_steps, eta):
   """DDPM's ancestral chain: all T `ddpm_step`s, x_{T-1} -> ... -> x_0 -> the clean image.
 
-  eta is DDIM's; DDPM's step has its own variance (the posterior's).
+  Its noise is the posterior's (eta must be 0; DDIM's eta = 1 over all T steps is this chain).
   """
   T = schedule.num_timesteps
   if num_steps not in (None, T):
     raise ValueError(
         f"ddpm runs all {T} steps; for fewer use sampler='ddim' (eta=1 is ancestral)")
+  if not _is_zero(eta):
+    raise ValueError(f"ddpm adds its posterior's noise: eta must be 0, got {eta} "
+                     f"(sampler='ddim' takes eta)")
 
   def step(x, inputs):
     t, step_key = inputs
@@ -539,7 +620,7 @@ def dpmpp_2m_sampler(predict, schedule: Schedule, x, key, num_steps, eta):
   return x
 
 
-SAMPLERS: dict[str, Callable] = {
+SAMPLERS: dict[str, Sampler] = {
     "ddpm": ddpm_sampler,  # the paper's
     "ddim": ddim_sampler,
     "dpm++2m": dpmpp_2m_sampler,
@@ -549,7 +630,7 @@ SAMPLERS: dict[str, Callable] = {
 def sample(model_fn: ModelFn, schedule: Schedule, rng, labels, *, image_shape=(32, 32, 3),
            sampler: str = "ddpm", num_steps: int | None = None, eta: float = 0.0,
            guidance=0.0, null_label: int | None = None, x_T=None, prediction: str = "eps",
-           clip: str = "static"):
+           clip: str = "static", sampler_kwargs: dict | None = None):
   """Runs the reverse chain from noise to images, one chain per label.
 
   labels: int32 (B,), one image per label (pass null_label for unconditional
@@ -563,8 +644,10 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, labels, *, image_shape=(3
   rng. prediction: what model_fn outputs (PREDICTIONS: 'eps' or 'v'). clip: what
   each predicted clean image goes through before a step uses it (CLIPS: 'static',
   the data range [-1, 1], as DDPM's official sampler; 'dynamic', Imagen's
-  thresholding; 'off', the exact maths). sampler, num_steps, image_shape,
-  null_label, prediction and clip are static under `jax.jit`.
+  thresholding; 'off', the exact maths). sampler_kwargs: the sampler's settings
+  (see `Sampler`). eta is passed to the sampler as given. sampler, num_steps, eta,
+  image_shape, null_label, prediction, clip and sampler_kwargs are static under
+  `jax.jit`.
 
   The chain for one example is a `lax.scan` over timesteps, and it is
   `jax.vmap`ped over the batch: each example has its own key, so an image
@@ -572,9 +655,10 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, labels, *, image_shape=(3
   model calls become one batched call per step. Returns float32 (B,
   *image_shape); the chain's last step lands on a (clipped) x0 prediction.
   """
-  run_chain = _registered(SAMPLERS, "sampler", sampler)
-  parametrisation = _registered(PREDICTIONS, "prediction", prediction)
-  clip_fn = _registered(CLIPS, "clip", clip)
+  run_chain = registry.lookup(SAMPLERS, "sampler", sampler)
+  parametrisation = registry.lookup(PREDICTIONS, "prediction", prediction)
+  clip_fn = registry.lookup(CLIPS, "clip", clip)
+  settings = sampler_kwargs or {}
   model_one = guided_model(model_fn, guidance, null_label)
   image_shape = tuple(image_shape) if x_T is None else x_T.shape[1:]
 
@@ -583,11 +667,39 @@ def sample(model_fn: ModelFn, schedule: Schedule, rng, labels, *, image_shape=(3
     if x is None:
       x = jax.random.normal(init_key, image_shape, jnp.float32)
     predict = _denoiser(model_one, schedule, parametrisation, label, clip_fn)
-    return run_chain(predict, schedule, x, steps_key, num_steps, eta)
+    return run_chain(predict, schedule, x, steps_key, num_steps, eta, **settings)
 
   labels = jnp.asarray(labels, jnp.int32)
   keys = jax.random.split(rng, labels.shape[0])
   return jax.vmap(chain)(keys, labels, x_T)
+
+
+def check_sampler(sampler: str, schedule: Schedule, num_steps: int | None = None,
+                  eta: float = 0.0, sampler_kwargs: dict | None = None,
+                  image_shape=(32, 32, 3)) -> dict:
+  """The sampler's settings (sampler_kwargs completed with its defaults), once a trace of
+  its chain with a stand-in model has taken num_steps, eta and them.
+
+  Nothing is computed (`jax.eval_shape`), so it takes milliseconds: call it before loading
+  a model. What the sampler raises (a ValueError: too many steps, an eta it takes none
+  of, a setting out of range), a setting it does not have, or a result of another shape
+  than x_T's, is a UserError naming the sampler.
+  """
+  run_chain = registry.lookup(SAMPLERS, "sampler", sampler)
+  what = f"sampler {sampler!r}"
+  settings = registry.check_settings(run_chain, sampler_kwargs or {}, Sampler, what,
+                                     "sampler_kwargs")
+  x = jax.ShapeDtypeStruct(tuple(image_shape), jnp.float32)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  stand_in = lambda x, t: (x, x)
+  with registry.entry_errors(what):
+    out = jax.eval_shape(
+        lambda schedule, x, key: run_chain(stand_in, schedule, x, key, num_steps, eta, **settings),
+        schedule, x, key)
+  if getattr(out, "shape", None) != x.shape:
+    raise UserError(f"{what} must return an image shaped like x_T {x.shape}, got "
+                             f"{getattr(out, 'shape', type(out).__name__)}")
+  return settings
 
 
 def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0, labels, *,
@@ -612,7 +724,7 @@ def ddim_invert(model_fn: ModelFn, schedule: Schedule, x0, labels, *,
   T = schedule.num_timesteps
   ts_up = sampling_timesteps(T, T if num_steps is None else num_steps)[::-1]
   ts_from = np.insert(ts_up[:-1], 0, -1).astype(np.int32)
-  parametrisation = _registered(PREDICTIONS, "prediction", prediction)
+  parametrisation = registry.lookup(PREDICTIONS, "prediction", prediction)
   model_one = guided_model(model_fn, guidance, null_label)
 
   def chain(x, label):

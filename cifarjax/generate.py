@@ -41,8 +41,8 @@ def check_sample_from(sample_from: str, workdir=None) -> str:
 
 
 def check_clip(clip: str) -> str:
-  if clip not in diffusion.CLIPS:
-    raise UserError(f"clip must be one of {', '.join(diffusion.CLIPS)}, got {clip!r}")
+  from cifarjax import registry
+  registry.lookup(diffusion.CLIPS, "clip", clip, flag="clip")
   return clip
 
 
@@ -61,13 +61,25 @@ def check_labels(labels, num_classes: int) -> np.ndarray:
   return labels.astype(np.int32)
 
 
-def saved_class_names(workdir) -> tuple[str, ...]:
-  """The class names of a generator run, read without loading the model (so that labels
-  are checked before a load that takes seconds)."""
+def saved_run(workdir):
+  """(config, class names) of a generator run, read without loading the model (so that
+  labels and the sampler are checked before a load that takes seconds)."""
   from cifarjax import runlog
   from cifarjax.config import DiffusionConfig, load_run_config
-  load_run_config(workdir, DiffusionConfig, "generator (train-diffusion) run", "train-diffusion")
-  return tuple(runlog.read_json(pathlib.Path(workdir) / "classes.json"))
+  config = load_run_config(workdir, DiffusionConfig, "generator (train-diffusion) run",
+                           "train-diffusion")
+  return config, tuple(runlog.read_json(pathlib.Path(workdir) / "classes.json"))
+
+
+def check_sampler(config, sampler: str, steps: int | None, eta: float = 0.0,
+                  sampler_kwargs: dict | None = None) -> dict:
+  """The sampler's settings completed with its defaults, once `diffusion.check_sampler`
+  traced it on the run's schedule (milliseconds; a UserError for what it refuses)."""
+  return diffusion.check_sampler(sampler, make_schedule(config), steps, eta, sampler_kwargs)
+
+
+def _hashable(value):
+  return tuple(map(_hashable, value)) if isinstance(value, (list, tuple)) else value
 
 
 def _check_guidance(guidance: float, config):
@@ -79,11 +91,13 @@ def _check_guidance(guidance: float, config):
 
 @functools.lru_cache(maxsize=32)
 def make_sampler(model, mesh, batch_size: int, *, sampler: str, steps: int | None,
-                 guidance: float, prediction: str = "eps", clip: str = "static"):
+                 guidance: float, prediction: str = "eps", clip: str = "static",
+                 eta: float = 0.0, sampler_kwargs: tuple = ()):
   """sample_batch(params, schedule, rng, labels (batch_size,)) -> float images, jitted and
   split over the mesh's devices (each image's chain runs where its label lies).
   prediction: what the model outputs (its DiffusionConfig.prediction); clip: what the
-  predicted clean images go through (`diffusion.CLIPS`).
+  predicted clean images go through (`diffusion.CLIPS`); eta and sampler_kwargs go to the
+  sampler (the settings as (name, value) pairs, lists as tuples: the cache's key).
 
   Cached: the same settings give the same jitted function, so sampling other weights
   or another schedule of the same length (raw against EMA weights, a later
@@ -96,7 +110,8 @@ def make_sampler(model, mesh, batch_size: int, *, sampler: str, steps: int | Non
   def sample_batch(params, schedule, rng, labels):
     return diffusion.sample(_model_fn(model, params), schedule, rng, labels, sampler=sampler,
                             num_steps=steps, guidance=guidance, null_label=model.num_classes,
-                            prediction=prediction, clip=clip)
+                            prediction=prediction, clip=clip, eta=eta,
+                            sampler_kwargs=dict(sampler_kwargs))
 
   return jax.jit(sample_batch, in_shardings=(replicated, replicated, replicated, sharded),
                  out_shardings=sharded, compiler_options=compiler.options())
@@ -105,33 +120,38 @@ def make_sampler(model, mesh, batch_size: int, *, sampler: str, steps: int | Non
 def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
              guidance: float = 0.0, seed: int = 0, batch_size: int = 256, mesh=None,
              progress: bool = True, trained=None, sample_from: str = "ema",
-             clip: str = "static") -> np.ndarray:
+             clip: str = "static", eta: float = 0.0,
+             sampler_kwargs: dict | None = None) -> np.ndarray:
   """uint8 (N, 32, 32, 3) samples of the workdir's latest checkpoint, one per label.
 
   Batches of batch_size (rounded up to a multiple of the device count; the last
   one padded) go through one compiled sampler; batch i uses the key
   fold_in(PRNGKey(seed), i), so the same (seed, batch_size) gives the same
-  images. sampler 'ddpm' runs all T steps (steps must be None or T); 'ddim'
-  and 'dpm++2m' run `steps` deterministic (eta 0) steps. sample_from: 'ema'
-  (the EMA weights) or 'raw' (SAMPLE_FROM). clip: 'static' (the predicted clean
-  images clipped to the data range, as DDPM's official sampler), 'dynamic' or 'off'
-  (`diffusion.CLIPS`). trained: `load_trained`'s result, to skip loading it again.
+  images. sampler: a name in `diffusion.SAMPLERS`: 'ddpm' runs all T steps (steps
+  must be None or T); 'ddim' and 'dpm++2m' run `steps` steps; eta and sampler_kwargs
+  (its settings) go to the sampler, which is traced without a model first, so that
+  what it refuses comes before the load. sample_from: 'ema' (the EMA weights) or
+  'raw' (SAMPLE_FROM). clip: 'static' (the predicted clean images clipped to the data
+  range, as DDPM's official sampler), 'dynamic' or 'off' (`diffusion.CLIPS`). trained:
+  `load_trained`'s result, to skip loading it again.
   """
   mesh = mesh or mesh_lib.make_mesh()
-  if trained is None:
-    check_labels(labels, len(saved_class_names(workdir)))
+  config, class_names = (trained[2], trained[3]) if trained else saved_run(workdir)
+  check_labels(labels, len(class_names))
   check_sample_from(sample_from, workdir)  # before a model load that takes seconds
   check_clip(clip)
+  if sampler == "ddpm" and steps == config.num_timesteps:
+    steps = None
+  settings = check_sampler(config, sampler, steps, eta, sampler_kwargs)
   model, state, config, class_names = trained or load_trained(workdir, mesh)
   labels = check_labels(labels, len(class_names))
   params = SAMPLE_FROM[sample_from](state)
   _check_guidance(guidance, config)
-  if sampler == "ddpm" and steps == config.num_timesteps:
-    steps = None
   batch_size = -(-min(batch_size, max(len(labels), 1)) // mesh.size) * mesh.size
   schedule = jax.device_put(make_schedule(config), mesh_lib.replicated(mesh))  # once, not per batch
   sample_batch = make_sampler(model, mesh, batch_size, sampler=sampler, steps=steps,
-                              guidance=guidance, prediction=config.prediction, clip=clip)
+                              guidance=guidance, prediction=config.prediction, clip=clip,
+                              eta=float(eta), sampler_kwargs=_hashable(sorted(settings.items())))
   key, out = jax.random.PRNGKey(seed), []
   starts = range(0, len(labels), batch_size)
   for i, start in enumerate(tqdm(starts, desc=f"sample ({sampler})", unit="batch",
@@ -167,7 +187,7 @@ def interpolate(workdir, image_a, label_a: int, image_b, label_b: int, frames: i
   """
   alphas = frame_alphas(frames)
   check_clip(clip)
-  check_labels([label_a, label_b], len(saved_class_names(workdir)))
+  check_labels([label_a, label_b], len(saved_run(workdir)[1]))
   mesh = mesh or mesh_lib.make_mesh()
   note(f"loading the generator in {workdir}")
   model, state, config, class_names = load_trained(workdir, mesh)
@@ -208,7 +228,8 @@ def default_labels(num: int, num_classes: int) -> np.ndarray:
 def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: str = "ddpm",
                  steps: int | None = None, guidance: float = 0.0, seed: int = 0,
                  batch_size: int = 256, mesh=None, progress: bool = True,
-                 sample_from: str = "ema", clip: str = "static") -> dict:
+                 sample_from: str = "ema", clip: str = "static", eta: float = 0.0,
+                 sampler_kwargs: dict | None = None) -> dict:
   """FID of `num` samples (labels cycling through the classes) against the statistics of
   the images the generator trained on (`fid.training_reference_stats`: the train split
   without its held-out slice, cached), or against `reference` where given (a stats .npz
@@ -216,19 +237,21 @@ def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: st
 
   The reference is the train split even for a run trained on train+test
   (DiffusionConfig.train_on): the usual CIFAR FID reference, comparable across runs.
-  sample_from, clip: as `generate`'s.
+  sample_from, clip, eta, sampler_kwargs: as `generate`'s.
 
   Says which reference it uses before computing anything. Merges {fid, fid_num,
-  fid_sampler, fid_steps, fid_weights_from, fid_reference, fid_step} into the
-  workdir's summary.json (prefixed: `steps` there counts training steps) and
-  returns them.
+  fid_sampler, fid_steps, fid_eta, fid_sampler_kwargs (completed with the sampler's
+  defaults), fid_sampler_source_sha256 (`registry.fingerprint`), fid_weights_from,
+  fid_clip, fid_reference, fid_step} into the workdir's summary.json (prefixed: `steps`
+  there counts training steps) and returns them.
   """
-  from cifarjax import fid, runlog
+  from cifarjax import fid, registry, runlog
   workdir = pathlib.Path(workdir)
   if num < 2:
     raise UserError(f"FID needs at least 2 samples, got {num}")
   check_sample_from(sample_from, workdir)
   check_clip(clip)
+  sampler_kwargs = check_sampler(saved_run(workdir)[0], sampler, steps, eta, sampler_kwargs)
   mesh = mesh or mesh_lib.make_mesh()
   note(f"loading the generator in {workdir}")
   trained = load_trained(workdir, mesh)
@@ -243,10 +266,12 @@ def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: st
   note(f"sampling {num:,} images ({sampler}); then their FID features")
   images = generate(workdir, default_labels(num, len(class_names)), sampler, steps, guidance,
                     seed, batch_size, mesh, progress, trained=trained, sample_from=sample_from,
-                    clip=clip)
+                    clip=clip, eta=eta, sampler_kwargs=sampler_kwargs)
   value = fid.compute_fid(images, ref, weights, mesh=mesh, progress=progress)
   result = {"fid": float(value), "fid_num": num, "fid_sampler": sampler,
             "fid_steps": config.num_timesteps if steps is None else steps,
+            "fid_eta": float(eta), "fid_sampler_kwargs": sampler_kwargs,
+            "fid_sampler_source_sha256": registry.fingerprint(diffusion.SAMPLERS[sampler]),
             "fid_weights_from": sample_from, "fid_clip": clip,
             "fid_reference": source, "fid_step": int(jax.device_get(state.step))}
   path = workdir / "summary.json"

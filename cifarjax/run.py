@@ -38,10 +38,13 @@ def open_workdir(config, workdir, mesh=None, batch_fields=("batch_size",)):
 
 
 def write_start(workdir: pathlib.Path, config, class_names):
-  """Creates the workdir and writes config.json and classes.json (process 0 only)."""
+  """Creates the workdir and writes config.json and classes.json (process 0 only). A resume
+  keeps config.json's record of the registry entries' code as the run started with it."""
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    config_lib.save_json(config, workdir / "config.json")
+    path = workdir / "config.json"
+    record = config_lib.read_saved(path)[2] if path.exists() else None
+    config_lib.save_json(config, path, record)
     runlog.write_json(workdir / "classes.json", list(class_names))
 
 
@@ -64,10 +67,12 @@ def write_summary(workdir: pathlib.Path, summary: dict, mesh, plot) -> dict:
 
 
 def read_run(workdir, config_cls, train_command: str):
-  """(config, class_names) of the run in `workdir`, checked to be a `config_cls` run."""
+  """(config, class_names) of the run in `workdir`, checked to be a `config_cls` run, its
+  modules imported; a Notice for each registry entry whose code changed since it started."""
   workdir = pathlib.Path(workdir)
   what = f"{config_lib.RUN_KINDS[config_cls.__name__]} run"
-  config = config_lib.load_run_config(workdir, config_cls, what, train_command)
+  config = config_lib.load_run_config(workdir, config_cls, what, train_command,
+                                      note_changes=True)
   return config, tuple(runlog.read_json(workdir / "classes.json"))
 
 

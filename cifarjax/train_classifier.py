@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cifarjax import augment, compiler, loop, mesh as mesh_lib, run as run_lib, runlog
+from cifarjax import augment, compiler, loop, mesh as mesh_lib, registry, run as run_lib, runlog
 from cifarjax import optim
 from cifarjax.optim import make_optimizer
 from cifarjax.config import ClassifierConfig
@@ -167,9 +167,11 @@ def train_eval_indices(n: int, size: int) -> np.ndarray:
 
 
 def make_model(config: ClassifierConfig, num_classes: int) -> nn.Module:
-  """The network `config.model` names in `models.CLASSIFIERS`, built with the config's layers."""
-  return models.CLASSIFIERS[config.model](num_classes, dropout_rate=config.dropout,
-                                          layers=models.layer_set(config.layers))
+  """The network `config.model` names in `models.CLASSIFIERS`, built with the config's layer
+  set and the entry's settings (model_kwargs); what the factory raises is a UserError naming it."""
+  with registry.entry_errors(f"classifier {config.model!r}"):
+    return models.CLASSIFIERS[config.model](num_classes, config.dropout,
+                                            models.layer_set(config.layers), **config.model_kwargs)
 
 
 def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None = None,
@@ -197,10 +199,10 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
   check_training_data(train_data, config.data, config.batch_size, min_classes=2)
   note(f"{len(train_data):,} training and {len(test_data):,} test images of "
        f"{train_data.num_classes} classes; initialising the model (seconds to a minute)")
-  run_lib.write_start(workdir, config, train_data.class_names)
-
   model_name = config.model if model is None else type(model).__name__
   model = model or make_model(config, train_data.num_classes)
+  run_lib.write_start(workdir, config, train_data.class_names)
+
   steps_per_epoch = len(train_data) // config.batch_size
   tx, lr_fn = make_optimizer(config, steps_per_epoch)
   state = jax.device_put(init_state(model, tx, config.seed, ema=config.ema_decay > 0),

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from cifarjax import (augment, compiler, config as config_lib, diffusion, loop, mesh as mesh_lib,
-                      optim, run as run_lib, runlog)
+                      optim, registry, run as run_lib, runlog)
 from cifarjax.config import DiffusionConfig
 from cifarjax.data import Split, load_split, with_class_order
 from cifarjax import models
@@ -36,14 +36,19 @@ class DiffusionState:
 
 
 def make_unet(config: DiffusionConfig, num_classes: int) -> UNet:
-  """The network `config.unet` names in `models.UNETS`, built with the config's layers."""
-  return models.UNETS[config.unet](num_classes, config.num_timesteps,
-                                   layers=models.layer_set(config.layers))
+  """The network `config.unet` names in `models.UNETS`, built with the config's layer set and
+  the entry's settings (unet_kwargs)."""
+  with registry.entry_errors(f"U-Net {config.unet!r}"):
+    return models.UNETS[config.unet](num_classes, config.num_timesteps,
+                                     models.layer_set(config.layers), **config.unet_kwargs)
 
 
 def make_schedule(config: DiffusionConfig) -> diffusion.Schedule:
-  """The config's noise schedule (a name in `diffusion.SCHEDULES`)."""
-  return diffusion.make_schedule(config.schedule, config.num_timesteps)
+  """The config's noise schedule (a name in `diffusion.SCHEDULES`), with its settings
+  (schedule_kwargs); what the schedule raises is a UserError naming it."""
+  with registry.entry_errors(f"schedule {config.schedule!r}"):
+    return diffusion.make_schedule(config.schedule, config.num_timesteps,
+                                   config.schedule_kwargs)
 
 
 def make_optimizer(config: DiffusionConfig, steps_per_epoch: int):
@@ -64,12 +69,19 @@ def init_state(model: UNet, tx, seed: int, image_shape=(32, 32, 3)) -> Diffusion
 
 def make_loss(model: UNet, schedule, config: DiffusionConfig):
   """loss(params, images, labels, rng): `diffusion.training_loss` with the config's
-  prediction and loss weighting (by default the paper's: eps, unweighted)."""
+  prediction and loss weighting (by default the paper's: eps, unweighted). The weighting
+  is traced once here (`jax.eval_shape`), so that what it raises comes as a UserError
+  before training starts."""
+  recipe = dict(prediction=config.prediction, loss_weighting=config.loss_weighting,
+                loss_weighting_kwargs=config.loss_weighting_kwargs)
+  with registry.entry_errors(f"loss weighting {config.loss_weighting!r}"):
+    jax.eval_shape(lambda t: diffusion.loss_weights(schedule, t, **recipe),
+                   jax.ShapeDtypeStruct((config.batch_size,), jnp.int32))
+
   def loss(params, images, labels, rng):
     return diffusion.training_loss(
         lambda x, t, y: model.apply({"params": params}, x, t, y), schedule, images, labels, rng,
-        prediction=config.prediction, loss_weighting=config.loss_weighting,
-        min_snr_gamma=config.min_snr_gamma)
+        **recipe)
   return loss
 
 
@@ -161,22 +173,24 @@ def train(config: DiffusionConfig, workdir, mesh=None, model: nn.Module | None =
   from cifarjax.data import check_training_data
   from cifarjax.errors import note
   config, workdir, mesh = run_lib.open_workdir(config, workdir, mesh)
+  schedule = make_schedule(config)  # the schedule's own checks, before any file is written
   note(f"loading {config.data} ({' + '.join(config_lib.TRAINING_SPLITS[config.train_on])})")
   train_data = load_training_data(config)
   check_training_data(train_data, config.data, config.batch_size, min_classes=1)
   note(f"{len(train_data):,} training images of {train_data.num_classes} classes; "
        f"initialising the model (seconds to a minute)")
-  run_lib.write_start(workdir, config, train_data.class_names)
-
   model_name = f"unet:{config.unet}" if model is None else type(model).__name__
-  model, schedule = model or make_unet(config, train_data.num_classes), make_schedule(config)
+  model = model or make_unet(config, train_data.num_classes)
   steps_per_epoch = len(train_data) // config.batch_size
   tx, lr_fn = make_optimizer(config, steps_per_epoch)
+  train_step = make_train_step(model, schedule, tx, mesh, config)  # traces the loss weighting
+  run_lib.write_start(workdir, config, train_data.class_names)
+
   state = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
   images, labels = put_split(train_data, mesh)
   state, final_eval, seconds = loop.run(
       workdir, state, draw=make_draw(images, labels, config, mesh),
-      train_step=make_train_step(model, schedule, tx, mesh, config),
+      train_step=train_step,
       evaluate=make_evaluate(model, schedule, train_data.images, train_data.labels, config, mesh),
       lr_fn=lr_fn, settings=run_lib.loop_settings(config), desc="diffusion",
       time_limit_s=time_limit_s)

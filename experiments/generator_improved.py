@@ -31,16 +31,17 @@ from cifarjax.config import DIFFUSION_PRESETS
 from cifarjax.errors import Interrupted
 
 PAPER, IMPROVED = DIFFUSION_PRESETS["paper"], DIFFUSION_PRESETS["improved"]
+GAMMA = IMPROVED.loss_weighting_kwargs["gamma"]
 
 # name: (what changes, the config's changes to `paper`; None: the improved preset).
 RUNS = {
     "paper": ("the paper's recipe: eps prediction, unweighted loss, no label dropout", {}),
-    "improved": (f"v-prediction, min-SNR-{IMPROVED.min_snr_gamma:g} weighting, label dropout "
+    "improved": (f"v-prediction, min-SNR-{GAMMA:g} weighting, label dropout "
                  f"{IMPROVED.label_dropout} (the `improved` preset)", None),
     "v-prediction": ("v-prediction", {"prediction": IMPROVED.prediction}),
-    "min-snr": (f"min-SNR-{IMPROVED.min_snr_gamma:g} loss weighting",
+    "min-snr": (f"min-SNR-{GAMMA:g} loss weighting",
                 {"loss_weighting": IMPROVED.loss_weighting,
-                 "min_snr_gamma": IMPROVED.min_snr_gamma}),
+                 "loss_weighting_kwargs": IMPROVED.loss_weighting_kwargs}),
     "label-dropout": (f"label dropout {IMPROVED.label_dropout} (what guidance needs)",
                       {"label_dropout": IMPROVED.label_dropout}),
     "sigmoid-blog": ("the blog's sigmoid betas instead of RIN's sigmoid schedule",

@@ -141,10 +141,12 @@ def assert_steps_agree(a, b, *, n, lr, bn_momentum=None, ema_decay=None, report=
     flips += int((np.sign(ga) != np.sign(gb)).sum())  # (within the gradient bound above)
   report["sign_flips"] = flips
 
-  # The EMA moves (1 - decay) of the step: ema = d * p0 + (1 - d) * p1 on both sides.
+  # The EMA moves (1 - d) of the step, d the first step's decay, min(ema_decay, 1/10) by
+  # optim.ema_update's ramp: ema = d * p0 + (1 - d) * p1 on both sides.
   if ema_decay is not None:
+    first_decay = min(ema_decay, 1 / 10)
     for key, ea in _group(a, "ema_params/").items():
       eb = b["ema_params/" + key].astype(np.float64)
-      step = (1 - ema_decay) * np.abs(params_a[key] - params_b[key])
+      step = (1 - first_decay) * np.abs(params_a[key] - params_b[key])
       assert (np.abs(ea - eb) <= step + 4 * EPS * np.maximum(np.abs(ea), lr)).all(), key
   return report

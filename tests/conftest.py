@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to the read-only reference material in ../shared.
+"""Shared fixtures: paths to the read-only reference material in ../shared, fast
+stand-ins for FID's Inception features, and registries as cifarjax defines them.
 
 Each path comes from an environment variable (which .ci/run sets) and falls back
 to ../shared beside the checkout; a test that needs a missing file is skipped
@@ -33,6 +34,50 @@ def fid_reference_path():
 @pytest.fixture(scope="session")
 def cifar10_zip_path():
   return _shared_file("CIFARJAX_CIFAR10_ZIP", "data/cifar10-jpeg-train.zip")
+
+
+@pytest.fixture
+def fake_inception(monkeypatch, tmp_path):
+  """600-d random features instead of Inception's (counted), and no weights to read."""
+  import numpy as np
+  from cifarjax.fid import features, sources
+  seen = []
+
+  def extract(images, variables, *args, **kwargs):
+    seen.append(len(images))
+    rng = np.random.default_rng(len(seen))
+    return rng.normal(size=(len(images), 600)).astype(np.float32)
+
+  monkeypatch.setattr(features, "extract_features", extract)
+  monkeypatch.setattr(sources, "as_variables", lambda weights: {})
+  monkeypatch.setenv("CIFARJAX_CACHE", str(tmp_path / "cache"))
+  weights = tmp_path / "weights.npz"
+  weights.write_bytes(b"stand-in: never read")
+  return seen, weights
+
+
+@pytest.fixture
+def fresh_registries(monkeypatch, tmp_path_factory):
+  """Every registry as it is when the test starts, and again after it. Its value, called
+  with module names, does it again and forgets those modules, as a fresh process would
+  have neither the entries they registered nor them. Modules that tests wrote (in their
+  temporary folders) are forgotten after the test, so that the next can reuse the names."""
+  import sys
+  from cifarjax import diffusion, models, plugins
+  originals = {name: dict(entries) for name, entries in plugins.registries().items()}
+
+  def fresh(*modules):
+    for name, entries in originals.items():
+      monkeypatch.setattr(models if hasattr(models, name) else diffusion, name, dict(entries))
+    for module in modules:
+      sys.modules.pop(module, None)
+
+  fresh()
+  yield fresh
+  written_by_tests = str(tmp_path_factory.getbasetemp())
+  for name, module in list(sys.modules.items()):
+    if str(getattr(module, "__file__", None) or "").startswith(written_by_tests):
+      del sys.modules[name]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -194,25 +194,6 @@ def test_5_relative_data_is_saved_absolute_and_evaluates_from_elsewhere(classifi
 # --- 6: eval-diffusion's reference ------------------------------------------------------
 
 
-@pytest.fixture
-def fake_inception(monkeypatch, tmp_path):
-  """600-d random features instead of Inception's (counted), and no weights to read."""
-  from cifarjax.fid import features, sources
-  seen = []
-
-  def extract(images, variables, *args, **kwargs):
-    seen.append(len(images))
-    rng = np.random.default_rng(len(seen))
-    return rng.normal(size=(len(images), 600)).astype(np.float32)
-
-  monkeypatch.setattr(features, "extract_features", extract)
-  monkeypatch.setattr(sources, "as_variables", lambda weights: {})
-  monkeypatch.setenv("CIFARJAX_CACHE", str(tmp_path / "cache"))
-  weights = tmp_path / "weights.npz"
-  weights.write_bytes(b"stand-in: never read")
-  return seen, weights
-
-
 def test_6_eval_diffusion_names_its_reference_and_leaves_out_the_held_out_images(
     tmp_path, monkeypatch, fake_inception):
   from types import SimpleNamespace
@@ -487,7 +468,7 @@ def test_set_reaches_any_field_after_the_preset_and_the_flags():
 
 @pytest.mark.parametrize("command,assignment,message", [
     ("train-classifier", "lr=0.1", "--set lr: classifier (train-classifier) configs have "
-     "no field 'lr'; fields: model, data,"),
+     "no field 'lr'; fields: model, model_kwargs, data,"),
     ("train-classifier", "learning_rate=fast", "--set learning_rate wants a float, got 'fast'"),
     ("train-classifier", "steps=1.5", "--set steps wants an int, got '1.5'"),
     ("train-classifier", "augment=0.5", "--set augment: augment is a group of fields; set "
@@ -534,7 +515,7 @@ def test_a_registered_classifier_is_trained_and_evaluated_by_name(tmp_path, monk
       return nn.Dense(self.num_classes)(x.mean((1, 2)))
 
   monkeypatch.setitem(models.CLASSIFIERS, "small",
-                      lambda num_classes, dropout_rate: Small(num_classes))
+                      lambda num_classes, dropout_rate, layers: Small(num_classes))
   code, out, err = call("train-classifier", "--data", "synthetic", *TRAIN, "--set", "model=small",
                         "--workdir", tmp_path / "run")
   assert code == 0, err

@@ -164,6 +164,8 @@ def test_diffusion_loss():
 
 # The training objective: predictions and loss weightings.
 
+GAMMA_5 = {"none": None, "min-snr": {"gamma": 5.0}}  # each weighting's settings in these tests
+
 @pytest.mark.parametrize("t", [0, 100, 400, 999])
 def test_loss_weights_are_the_closed_form(linear, t):
   """Min-SNR-5 (Hang et al. 2023): min(SNR, 5) / SNR on the eps loss, min(SNR, 5) / (SNR + 1)
@@ -176,7 +178,7 @@ def test_loss_weights_are_the_closed_form(linear, t):
   np.testing.assert_allclose(diffusion.snr(linear, jnp.array([t])), [snr], rtol=1e-5)
   for (prediction, weighting), weight in expected.items():
     got = diffusion.loss_weights(linear, jnp.array([t]), prediction=prediction,
-                                 loss_weighting=weighting, min_snr_gamma=5.0)
+                                 loss_weighting=weighting, loss_weighting_kwargs=GAMMA_5[weighting])
     np.testing.assert_allclose(got, [weight], rtol=1e-5, err_msg=f"{prediction}, {weighting}")
 
 
@@ -237,7 +239,8 @@ def test_exact_predictor_attains_the_irreducible_loss(sigmoid, prediction, weigh
   def loss(scale):
     return diffusion.training_loss(lambda x, t, y: scale * model_fn(x, t, y), sigmoid, x0,
                                    labels, jax.random.PRNGKey(6), prediction=prediction,
-                                   loss_weighting=weighting, min_snr_gamma=5.0)
+                                   loss_weighting=weighting,
+                                   loss_weighting_kwargs=GAMMA_5[weighting])
 
   mean, mean_square = expected_irreducible_loss(sigmoid, prediction, weighting)
   stderr = np.sqrt((mean_square * (1 + 2 / pixels) - mean**2) / num)

@@ -11,7 +11,7 @@ import optax
 import pytest
 from PIL import Image
 
-from cifarjax import cli, config as config_lib, loop, mesh as mesh_lib, runlog
+from cifarjax import cli, config as config_lib, loop, mesh as mesh_lib, registry, runlog
 from cifarjax.config import ClassifierConfig
 from cifarjax.data.synthetic import load_synthetic
 from cifarjax.models import paper_classifier
@@ -41,6 +41,11 @@ def test_run_outputs(run_dir):
     assert (workdir / name).is_file(), name
   saved = runlog.read_json(workdir / "config.json")
   assert saved.pop("type") == "ClassifierConfig"
+  # The code of the model it names: no module to import again (cifarjax's own), and its hash.
+  assert saved.pop("imports") == []
+  assert saved.pop("registry") == {"model": {
+      "name": "paper", "module": "cifarjax.models.classifier",
+      "source_sha256": registry.fingerprint(paper_classifier)}}
   assert config_lib.from_dict(ClassifierConfig, saved) == TINY
   assert summary["steps"] == 6 and summary["num_params"] == 88_106  # 10 synthetic classes
   records = runlog.read_metrics(workdir)

@@ -21,13 +21,35 @@ def distributed_flag(parser):
            "not joined refuses to start")
 
 
+def import_flag(parser):
+  """Adds --import MODULE (repeatable), which `cli.main` imports before the command runs."""
+  parser.add_argument(
+      "--import", dest="imports", action="append", default=[], metavar="MODULE",
+      help="import a module of yours first (repeatable), one that registers variants in "
+           "cifarjax's registries (a model, schedule, loss weighting, sampler); looked up in "
+           "the current directory, then on PYTHONPATH. A run's config.json records the "
+           "modules behind the entries it uses, and later commands on its workdir import "
+           "them again")
+
+
+def registered_help(registry_name: str, about: str):
+  """A help text that lists, when --help shows it, the names registered then (after the
+  --import modules) in a registry of `plugins.registries()`: `cli.HelpFormatter` calls it."""
+  def text():
+    from cifarjax import plugins
+    return f"{about}; registered: {', '.join(plugins.registries()[registry_name])}"
+  return text
+
+
 def set_flag(parser):
   """Adds --set FIELD=VALUE (repeatable): any field of the run's config."""
   parser.add_argument(
       "--set", action="append", default=[], metavar="FIELD=VALUE",
       help="set any config field, e.g. --set learning_rate=0.001 --set augment.crop_prob=0.5 "
            "(repeatable; applied after the preset and the flags above; the fields are the "
-           "config's in cifarjax/config.py)")
+           "config's in cifarjax/config.py), or one setting of a registry entry the config "
+           "names: model_kwargs.NAME=VALUE; for the generator unet_kwargs, schedule_kwargs "
+           "(--set schedule_kwargs.tau=0.9) and loss_weighting_kwargs")
 
 
 def config_from_args(presets: dict, args):

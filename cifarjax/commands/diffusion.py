@@ -7,7 +7,7 @@ timesteps) before the generator is loaded, so a mistake costs no model load.
 import json
 
 from cifarjax.commands import (config_from_args, distributed_flag, fresh_start_guard,
-                               positive, set_flag)
+                               positive, registered_help, set_flag)
 from cifarjax.commands.classifier import DATA_HELP
 
 # The paper preset's values, shown by --help (tests/test_cli.py checks them against config.py).
@@ -15,10 +15,9 @@ PAPER = {"data": "cifar100", "holdout": 5000, "steps": 50_000, "batch_size": 256
          "label_dropout": 0.0, "unet": "paper", "eval_every": 1000, "checkpoint_every": 1000,
          "log_every": 100, "seed": 0, "train_on": "train"}
 # Choices written out so that --help imports no jax; tests/test_train_diffusion.py checks
-# them against diffusion.SAMPLERS, diffusion.CLIPS, generate.SAMPLE_FROM and
-# config.TRAINING_SPLITS.
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
-CLIPS = ("static", "dynamic", "off")
+# them against generate.SAMPLE_FROM and config.TRAINING_SPLITS. Samplers, clips and U-Nets
+# are registries, which --import extends: their options are checked after the imports,
+# and their help lists what is registered when it is shown.
 WEIGHTS_FROM = ("ema", "raw")
 TRAIN_ON = ("train", "train+test")
 
@@ -39,7 +38,8 @@ def register(subparsers):
   p.add_argument("--label-dropout", type=float,
                  help="train the null label for classifier-free guidance (beyond the paper; "
                  f"default: {PAPER['label_dropout']})")
-  p.add_argument("--unet", help=f"U-Net size: paper or tiny (default: {PAPER['unet']})")
+  p.add_argument("--unet", help=registered_help(
+      "UNETS", f"the U-Net, a name in cifarjax.models.UNETS (default: {PAPER['unet']})"))
   p.add_argument("--train-on", choices=TRAIN_ON,
                  help="train+test adds the test split (or the held-out slice) to the training "
                  "images, as the paper's final model (default: train)")
@@ -110,20 +110,39 @@ def register(subparsers):
 
 
 def _sampler_args(p):
-  p.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                 help="ddpm: the paper's ancestral sampler, all T steps; "
-                      "ddim: deterministic, --steps of them (e.g. 50: ~20x faster); "
-                      "dpm++2m: DPM-Solver++(2M), deterministic and second order, --steps of them")
-  p.add_argument("--steps", type=int, help="sampler steps (ddim and dpm++2m default: 50)")
+  p.add_argument("--sampler", default="ddpm", help=registered_help(
+      "SAMPLERS", "ddpm: the paper's ancestral sampler, all T steps; ddim: deterministic "
+      "(or with --eta), --steps of them (e.g. 50: ~20x faster); dpm++2m: DPM-Solver++(2M), "
+      "deterministic and second order, --steps of them"))
+  p.add_argument("--steps", type=int, help="sampler steps (all but ddpm default: 50)")
+  p.add_argument("--eta", type=float, default=0.0,
+                 help="the sampler's noise, passed to it as given: DDIM's eta (0 "
+                 "deterministic, 1 ancestral); ddpm and dpm++2m take only 0")
+  p.add_argument("--sampler-arg", action="append", default=[], metavar="NAME=VALUE",
+                 help="a setting of the sampler (a keyword parameter of its function; "
+                 "repeatable): a JSON value, else a string")
   _clip_arg(p)
   p.add_argument("--batch-size", type=int, default=256, help="images per compiled batch")
 
 
 def _clip_arg(p):
-  p.add_argument("--clip", choices=CLIPS, default="static",
-                 help="what each step's predicted clean image goes through: static, the data "
-                 "range [-1, 1] (DDPM's official sampler); dynamic, Imagen's thresholding; off, "
-                 "as the network predicts it (default: static)")
+  p.add_argument("--clip", default="static", help=registered_help(
+      "CLIPS", "what each step's predicted clean image goes through: static, the data range "
+      "[-1, 1] (DDPM's official sampler); dynamic, Imagen's thresholding; off, as the "
+      "network predicts it"))
+
+
+def _sampler_kwargs(args) -> dict:
+  """--sampler-arg NAME=VALUE ... as a dict (`config.setting_value` reads each value)."""
+  from cifarjax.config import setting_value
+  from cifarjax.errors import UserError
+  kwargs = {}
+  for text in args.sampler_arg:
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip():
+      raise UserError(f"--sampler-arg wants NAME=VALUE (e.g. s_noise=0.5), got {text!r}")
+    kwargs[name.strip()] = setting_value(raw)
+  return kwargs
 
 
 def _weights_from_arg(p):
@@ -149,8 +168,12 @@ def _class_names(workdir) -> list[str]:
 
 
 def _check_sampler(args, config):
-  """--steps and --batch-size against the sampler and the run's T, before any model load."""
+  """--sampler, --clip, --steps and --batch-size against the registries and the run's T,
+  before any model load (the sampler's own checks follow in `generate`, also before it)."""
+  from cifarjax import diffusion, registry
   from cifarjax.errors import UserError
+  registry.lookup(diffusion.SAMPLERS, "sampler", args.sampler, flag="--sampler")
+  registry.lookup(diffusion.CLIPS, "clip", args.clip, flag="--clip")
   positive("--batch-size", args.batch_size)
   positive("--steps", args.steps, allow_none=True)
   T = config.num_timesteps
@@ -206,7 +229,7 @@ def sample(args):
   note(f"loading the generator in {args.workdir}")
   images = generate.generate(args.workdir, labels, args.sampler, _steps(args), args.guidance,
                              args.seed, args.batch_size, sample_from=args.weights_from,
-                             clip=args.clip)
+                             clip=args.clip, eta=args.eta, sampler_kwargs=_sampler_kwargs(args))
   generate.save_npz(out, images, labels)
   png = image_grid.write_grid(out.with_suffix(".png"), images, labels, class_names=class_names)
   print(f"wrote {out} ({len(images)} images) and {png}")
@@ -268,7 +291,7 @@ def evaluate(args):
   result = evaluate_fid(args.workdir, args.num, weights=args.weights, reference=args.reference,
                         sampler=args.sampler, steps=_steps(args), seed=args.seed,
                         batch_size=args.batch_size, sample_from=args.weights_from,
-                        clip=args.clip)
+                        clip=args.clip, eta=args.eta, sampler_kwargs=_sampler_kwargs(args))
   if args.json:
     print(json.dumps(result))
   else:

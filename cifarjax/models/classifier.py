@@ -29,8 +29,9 @@ BN_EPSILON = 1e-5
 
 
 def batch_norm(train: bool, layers: "str | LayerSet" = "auto"):
-  """The classifier's BatchNorm (PyTorch's statistics: momentum 0.1, eps 1e-5) from a layer
-  set: batch statistics in training, running ones in inference."""
+  """The classifier's BatchNorm, for blocks of your own too: PyTorch's settings (statistics
+  move 0.1 per batch, eps 1e-5), the batch's statistics when train, the running ones
+  otherwise; from a layer set (`layer_sets`; the xla_cpu one also takes `xla_cpu.Chunks`)."""
   return layer_set(layers).batch_norm(use_running_average=not train, momentum=BN_MOMENTUM,
                                       epsilon=BN_EPSILON)
 
