@@ -69,8 +69,8 @@ def test_each_registry_s_contract_and_the_settings_of_its_entries():
   contracts = {diffusion.ScheduleFn: ("num_timesteps",),
                diffusion.LossWeighting: ("snr", "x0_error_scale"),
                diffusion.Sampler: ("predict", "schedule", "x", "key", "num_steps", "eta"),
-               models.ClassifierFactory: ("num_classes", "dropout_rate"),
-               models.UNetFactory: ("num_classes", "num_timesteps")}
+               models.ClassifierFactory: ("num_classes", "dropout_rate", "layers"),
+               models.UNetFactory: ("num_classes", "num_timesteps", "layers")}
   for protocol, params in contracts.items():
     assert registry.contract(protocol) == params
   settings = lambda entries, protocol: {name: registry.settings(entry, protocol)
@@ -95,6 +95,7 @@ def test_what_counts_as_a_setting():
   class Block(nn.Module):  # a flax module registered as its own factory
     num_classes: int
     num_timesteps: int
+    layers: str = "auto"
     width: int = 8
 
   assert registry.settings(takes_any, diffusion.ScheduleFn) is None  # any name goes
@@ -463,7 +464,7 @@ def test_an_unregistered_classifier_is_one_line_not_a_traceback(tmp_path, fresh_
 
 def test_a_changed_definition_is_a_notice_on_evaluation_and_resume(narrow_run, folder,
                                                                    fresh_registries):
-  write_module(folder, "my_unets", MY_UNETS.replace("embed_hidden=16", "embed_hidden=16,"))
+  write_module(folder, "my_unets", MY_UNETS.replace("embed_hidden=16", "embed_hidden=8 + 8"))
   fresh_registries("my_unets")
   code, out, err = sample_from(narrow_run)
   assert code == 0, err
