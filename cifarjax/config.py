@@ -466,11 +466,12 @@ def from_dict(cls, d: dict):
 
 
 def save_json(config, path, record: dict | None = None):
-  """Writes config.json: the run kind, every field, and the record of the registry entries
-  the config names (`plugins.record`: theirs now, unless `record` gives another)."""
+  """Writes config.json (atomically): the run kind, every field, and the record of the
+  registry entries the config names (`plugins.record`: theirs now, unless `record` gives
+  another)."""
+  from cifarjax import runlog
   record = record or plugins.record(entries_used(config))
-  with open(path, "w") as f:
-    json.dump({"type": type(config).__name__, **to_dict(config), **record}, f, indent=2)
+  runlog.write_json(path, {"type": type(config).__name__, **to_dict(config), **record})
 
 
 def read_saved(path) -> tuple:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from cifarjax import compiler, diffusion, mesh as mesh_lib
 from cifarjax.augment import to_model_range, to_uint8
-from cifarjax.errors import UserError, note
+from cifarjax.errors import UserError, note, writing
 # The checkpoint's state is the trainer's (DiffusionState), so reading one back is its job.
 from cifarjax.train_diffusion import load_trained, make_schedule
 
@@ -216,8 +216,9 @@ def interpolate(workdir, image_a, label_a: int, image_b, label_b: int, frames: i
 
 def save_npz(path, images, labels):
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  np.savez(path, images=np.asarray(images, np.uint8), labels=np.asarray(labels, np.int64))
+  with writing(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=np.asarray(images, np.uint8), labels=np.asarray(labels, np.int64))
 
 
 def default_labels(num: int, num_classes: int) -> np.ndarray:

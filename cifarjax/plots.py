@@ -8,6 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cifarjax import runlog  # noqa: E402
+from cifarjax.errors import writing  # noqa: E402
 
 
 def _series(records, key):
@@ -40,7 +41,8 @@ def training_graph(workdir, out=None) -> pathlib.Path:
     ax.legend()
   fig.tight_layout()
   out = pathlib.Path(out or workdir / "training_graph.png")
-  fig.savefig(out, dpi=120)
+  with writing(out):
+    fig.savefig(out, dpi=120)
   plt.close(fig)
   return out
 
@@ -56,6 +58,7 @@ def loss_curve(workdir, out=None) -> pathlib.Path:
   ax.grid(alpha=0.3)
   fig.tight_layout()
   out = pathlib.Path(out or workdir / "loss_curve.png")
-  fig.savefig(out, dpi=120)
+  with writing(out):
+    fig.savefig(out, dpi=120)
   plt.close(fig)
   return out

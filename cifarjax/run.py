@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from cifarjax import config as config_lib, loop, mesh as mesh_lib, runlog
-from cifarjax.errors import UserError
+from cifarjax.errors import UserError, writing
 
 
 def open_workdir(config, workdir, mesh=None, batch_fields=("batch_size",)):
@@ -40,7 +40,8 @@ def open_workdir(config, workdir, mesh=None, batch_fields=("batch_size",)):
 def write_start(workdir: pathlib.Path, config, class_names):
   """Creates the workdir and writes config.json and classes.json (process 0 only). A resume
   keeps config.json's record of the registry entries' code as the run started with it."""
-  workdir.mkdir(parents=True, exist_ok=True)
+  with writing(workdir):
+    workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     path = workdir / "config.json"
     record = config_lib.read_saved(path)[2] if path.exists() else None

@@ -369,7 +369,9 @@ def test_10_training_phases_and_resume_are_announced(classifier_run):
   _, _, first = classifier_run["interrupted"]
   assert "cifarjax train-classifier: loading " in first
   assert "30 training and 10 test images of 5 classes" in first
-  assert "starting at step 0 of 3; the first step compiles" in first
+  assert "starting at step 0 of 3\n" in first
+  assert "cifarjax train-classifier: compiling the train step (seconds to minutes)" in first
+  assert "cifarjax train-classifier: compiled in " in first
   _, _, second = classifier_run["resumed"]
   assert "cifarjax train-classifier: resuming from step 1 of 3" in second
   assert "classifier (evaluating)" in second  # the bar says what it waits for
