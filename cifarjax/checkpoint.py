@@ -69,9 +69,26 @@ def _restore_without_unset_fields(mngr, step, like, abstract):
   return like.replace(**{name: restored[name] for name in present})
 
 
+def _reader(workdir) -> ocp.CheckpointManager:
+  """Orbax's manager of `workdir/checkpoints` for reading: it creates, deletes and cleans
+  nothing (a trainer may be writing beside it)."""
+  return _Manager(pathlib.Path(workdir).resolve() / "checkpoints",
+                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+
+def latest_step(workdir) -> int | None:
+  """The step of the latest complete checkpoint in a workdir (None: none yet), read
+  without building any state."""
+  mngr = _reader(workdir)
+  try:
+    return mngr.latest_step()
+  finally:
+    mngr.close()
+
+
 def load_latest(workdir, like):
   """The latest state in a workdir, laid out like `like`; FileNotFoundError if it has none."""
-  mngr = manager(workdir, keep=None)  # reads only: no policy that could delete anything
+  mngr = _reader(workdir)
   try:
     state = restore_latest(mngr, like)
   finally:

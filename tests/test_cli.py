@@ -409,6 +409,57 @@ def test_10_11_interpolation_talks_and_shows_its_sources(generator_dir, tmp_path
   np.testing.assert_array_equal(strip[2:66, 2:66], a)  # image a itself, at the left end
 
 
+# --- Long phases show their progress; what needs no data, model or weights comes first ---
+
+
+def test_sampling_counts_denoising_steps(generator_dir, tmp_path):
+  """A DDPM sample of the paper's model runs 1,000 steps per batch: the bar counts steps."""
+  for sampler, steps, shown in (("ddpm", (), "20/20"), ("ddim", ("--steps", 3), "6/6")):
+    code, _, err = call("sample", "--workdir", generator_dir, "--num", 3, "--batch-size", 2,
+                        "--sampler", sampler, *steps, "--out", tmp_path / "x.npz")
+    assert code == 0, err
+    per_batch = 10 if sampler == "ddpm" else 3
+    assert (f"cifarjax sample: sampling 3 images in 2 batch(es) of {per_batch} {sampler} steps"
+            in err)
+    assert f"sample ({sampler}): 100%" in err and f"| {shown} [" in err
+
+
+@pytest.mark.parametrize("command,module", [("eval-classifier", "train_classifier"),
+                                            ("sample", "train_diffusion")])
+def test_a_run_without_a_checkpoint_is_refused_before_its_model_is_built(tmp_path, monkeypatch,
+                                                                         command, module):
+  import importlib
+  config = (ClassifierConfig(data="synthetic") if command == "eval-classifier" else
+            DiffusionConfig(data="synthetic", unet="tiny", num_timesteps=10))
+  config_lib.save_json(config, tmp_path / "config.json")
+  runlog.write_json(tmp_path / "classes.json", [f"class_{i}" for i in range(10)])
+  def no_model(*args, **kwargs):
+    raise AssertionError("no model is built for a run without a checkpoint")
+  monkeypatch.setattr(importlib.import_module(f"cifarjax.{module}"), "init_state", no_model)
+  extra = ("--num", 2, "--out", tmp_path / "x.npz") if command == "sample" else ()
+  code, _, err = call(command, "--workdir", tmp_path, *extra)
+  assert code == 2
+  assert f"{tmp_path}/checkpoints holds no checkpoint yet" in error_of(err, command)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.json", "config.json"]
+
+
+def test_fid_refuses_too_few_images_before_any_features(tmp_path, monkeypatch):
+  from cifarjax.fid import features, weights
+  def nothing_heavy(*args, **kwargs):
+    raise AssertionError("neither weights nor features for a source FID cannot use")
+  monkeypatch.setattr(features, "extract_features", nothing_heavy)
+  monkeypatch.setattr(weights, "resolve_weights_path", nothing_heavy)
+  one, many = tmp_path / "one.npz", tmp_path / "many.npz"
+  np.savez(one, images=np.zeros((1, 32, 32, 3), np.uint8))
+  np.savez(many, images=np.zeros((20, 32, 32, 3), np.uint8))
+  code, _, err = call("fid-stats", one, "--out", tmp_path / "stats.npz")
+  assert code == 2 and error_of(err, "fid-stats").endswith(
+      f"FID needs at least 2 images; {one} holds 1")
+  assert not (tmp_path / "stats.npz").exists()
+  code, _, err = call("fid", many, one)  # the first source's features would be wasted
+  assert code == 2 and error_of(err, "fid").endswith(f"FID needs at least 2 images; {one} holds 1")
+
+
 # --- 11: readable outputs ---------------------------------------------------------------
 
 

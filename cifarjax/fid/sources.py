@@ -106,6 +106,15 @@ def as_variables(weights):
   return weights_lib.load_inception_params(weights)
 
 
+def _checked(loaded, source):
+  """A loaded source, refused (before any features are computed) where it holds fewer
+  images than a covariance needs."""
+  kind, value = loaded
+  if kind == "images" and len(value) < 2:
+    raise UserError(f"FID needs at least 2 images; {source} holds {len(value)}")
+  return loaded
+
+
 def _stats(loaded, variables_box, weights, batch_size, mesh, progress):
   kind, value = loaded
   if kind == "stats":
@@ -118,28 +127,30 @@ def _stats(loaded, variables_box, weights, batch_size, mesh, progress):
 def stats_from_source(source, split: str = "train", weights=None,
                       batch_size=features_lib.DEFAULT_BATCH_SIZE, mesh=None, progress=True):
   """(mu, sigma) of a source (see the module docstring); `weights` as in `as_variables`."""
-  return _stats(load_source(source, split), [], weights, batch_size, mesh, progress)
+  loaded = _checked(load_source(source, split), source)
+  return _stats(loaded, [], weights, batch_size, mesh, progress)
 
 
 def fid_from_sources(source_a, source_b, split: str = "train", weights=None,
                      batch_size=features_lib.DEFAULT_BATCH_SIZE, mesh=None,
                      progress=True) -> float:
   """FID between two sources (image sets or stats files), as `python -m pytorch_fid A B`."""
+  a, b = (_checked(load_source(s, split), s) for s in (source_a, source_b))
   box = []
-  mu1, sigma1 = _stats(load_source(source_a, split), box, weights, batch_size, mesh, progress)
-  mu2, sigma2 = _stats(load_source(source_b, split), box, weights, batch_size, mesh, progress)
+  mu1, sigma1 = _stats(a, box, weights, batch_size, mesh, progress)
+  mu2, sigma2 = _stats(b, box, weights, batch_size, mesh, progress)
   return stats_lib.frechet_distance(mu1, sigma1, mu2, sigma2)
 
 
 def compute_fid(images, reference, weights=None, batch_size=features_lib.DEFAULT_BATCH_SIZE,
                 mesh=None, progress=True) -> float:
   """FID of uint8 NHWC `images` against `reference`: images, (mu, sigma), or a source string."""
+  mine = _checked(("images", images), "the images given")
+  ref = (("stats", reference) if isinstance(reference, tuple)
+         else _checked(load_source(reference), reference))
   box = []
-  mu1, sigma1 = _stats(("images", images), box, weights, batch_size, mesh, progress)
-  if isinstance(reference, tuple):
-    mu2, sigma2 = reference
-  else:
-    mu2, sigma2 = _stats(load_source(reference), box, weights, batch_size, mesh, progress)
+  mu1, sigma1 = _stats(mine, box, weights, batch_size, mesh, progress)
+  mu2, sigma2 = _stats(ref, box, weights, batch_size, mesh, progress)
   return stats_lib.frechet_distance(mu1, sigma1, mu2, sigma2)
 
 
