@@ -244,7 +244,8 @@ def test_7_one_point_series_show_in_both_figures(classifier_run, tmp_path):
   green = (0x2C, 0xA0, 0x2C)  # matplotlib's third colour: test loss / test accuracy
   assert _pixels_of(graph, green) > 150  # a legend line alone has about 70
   (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0}) + "\n")
-  assert _pixels_of(plots.loss_curve(tmp_path), (0x1F, 0x77, 0xB4)) > 20  # no legend: 0 blank
+  blue = (0x1F, 0x77, 0xB4)  # the first colour: the generator's train batch loss
+  assert _pixels_of(plots.generator_graph(tmp_path), blue) > 110  # its legend line alone: 77
 
 
 # --- 8: ordinary mistakes without tracebacks ---------------------------------------------
