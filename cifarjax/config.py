@@ -491,6 +491,21 @@ def _check_folder(workdir):
     raise UserError(f"--workdir {workdir} is a file, not a folder; name a folder for the run")
 
 
+def _check_empty(workdir):
+  """A folder without a run's config.json must hold nothing (hidden files aside, and the
+  .tmp of a config.json being written beside this process), or the run would write into
+  someone's files."""
+  path = pathlib.Path(workdir)
+  if not path.is_dir():
+    return
+  found = sorted(p.name for p in path.iterdir()
+                 if not p.name.startswith(".") and not p.name.endswith(".tmp"))
+  if found:
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    raise UserError(f"--workdir {workdir} holds files but no run (no config.json): {shown}; "
+                    f"name a new or empty folder for the run")
+
+
 def load_run_config(workdir, cls, what: str, train_command: str, note_changes: bool = False):
   """The config a run saved in `workdir`, checked to be a `cls` run (`what` names it).
 
@@ -538,6 +553,7 @@ def check_resumable(workdir, config):
   _check_folder(workdir)
   path = pathlib.Path(workdir) / "config.json"
   if not path.exists():
+    _check_empty(workdir)
     return
   kind, saved, recorded = read_saved(path)
   if kind != type(config).__name__:

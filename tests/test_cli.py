@@ -461,6 +461,76 @@ def test_fid_refuses_too_few_images_before_any_features(tmp_path, monkeypatch):
   assert code == 2 and error_of(err, "fid").endswith(f"FID needs at least 2 images; {one} holds 1")
 
 
+# --- Workdirs that hold other files, whole messages, FID weights installed once ----------
+
+
+@pytest.mark.parametrize("command", ["train-classifier", "train-diffusion"])
+def test_a_folder_of_other_files_is_refused_as_a_workdir(tmp_path, command):
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  (folder / "cat.png").write_bytes(png_bytes())
+  (folder / ".DS_Store").write_bytes(b"")  # hidden files are nobody's work
+  small = ("--batch-size", 8) + (("--unet", "tiny") if command == "train-diffusion" else ())
+  code, out, err = call(command, "--data", "synthetic", "--steps", 2, *small, "--workdir", folder)
+  assert code == 2 and out == ""
+  assert error_of(err, command).endswith(f"--workdir {folder} holds files but no run (no "
+                                         f"config.json): cat.png; name a new or empty folder "
+                                         f"for the run")
+  assert sorted(p.name for p in folder.iterdir()) == [".DS_Store", "cat.png"]
+
+
+def test_an_empty_data_folder_is_named_in_a_whole_sentence(tmp_path):
+  (tmp_path / "data").mkdir()
+  code, _, err = call("train-classifier", "--data", tmp_path / "data", "--workdir",
+                      tmp_path / "run")
+  assert code == 2 and error_of(err, "train-classifier").endswith(
+      f"{tmp_path / 'data'} holds no images laid out <split>/<class>/<image> (as "
+      f"train/cat/0001.png)")
+
+
+def test_a_text_file_named_npz_is_called_what_it_is(tmp_path):
+  text = tmp_path / "stats.npz"
+  text.write_text("mu sigma\n")
+  code, _, err = call("fid-stats", text, "--out", tmp_path / "out.npz")
+  line = error_of(err, "fid-stats")
+  assert code == 2 and f"FID source {text} is not an .npz: an .npz is a zip" in line
+  assert "pickle" not in line
+
+
+def test_fid_weights_are_installed_once_with_their_sha256_checked(fid_weights_path, tmp_path,
+                                                                  monkeypatch):
+  import hashlib
+  from cifarjax.errors import UserError
+  from cifarjax.fid import weights
+  monkeypatch.setenv("CIFARJAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.delenv("CIFARJAX_FID_WEIGHTS", raising=False)
+  with pytest.raises(FileNotFoundError, match="once with `cifarjax fid-weights install PATH`"):
+    weights.resolve_weights_path(download=False)  # the way in is named
+  digest = hashlib.sha256(fid_weights_path.read_bytes()).hexdigest()
+  not_fid = tmp_path / "other.npz"
+  np.savez(not_fid, a=np.zeros(3))
+  other = hashlib.sha256(not_fid.read_bytes()).hexdigest()
+  for path, flags, message in (
+      (fid_weights_path, (), f"has sha256 {digest}, not 6726825d...: that of pytorch-fid's"),
+      (fid_weights_path, ("--sha256", "0" * 16), f"has sha256 {digest}, not 0000000000000000"),
+      (fid_weights_path, ("--sha256", "f799"), "--sha256 wants 8 or more hex digits"),
+      (not_fid, ("--sha256", other), "is not pytorch-fid's FID Inception state dict")):
+    code, _, err = call("fid-weights", "install", path, *flags)
+    assert code == 2 and message in error_of(err, "fid-weights")
+    assert not weights.installed_dir().exists()
+  code, out, err = call("fid-weights", "install", fid_weights_path, "--sha256", digest[:12])
+  installed = weights.installed_dir() / "inception.npz"
+  assert code == 0 and out.startswith(f"installed {installed} (sha256 {digest})"), err
+  assert weights.resolve_weights_path() == installed  # what fid, fid-stats, eval-diffusion use
+  with open(installed, "r+b") as f:  # a copy changed since: refused, not used
+    f.seek(-1, 2)
+    last = f.read(1)
+    f.seek(-1, 2)
+    f.write(bytes([last[0] ^ 1]))
+  with pytest.raises(UserError, match="no longer have the sha256 they were installed with"):
+    weights.resolve_weights_path()
+
+
 # --- 11: readable outputs ---------------------------------------------------------------
 
 
