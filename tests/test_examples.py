@@ -100,7 +100,13 @@ def test_readme_synopsis_names_what_the_parser_has(line):
   assert command in SUBPARSERS or command == "COMMAND", line
   if command == "COMMAND":
     return
-  options = {s: a for a in SUBPARSERS[command]._actions for s in a.option_strings}
+  parser = SUBPARSERS[command]
+  nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+  if nested:  # fid-weights install ...
+    action, *rest = rest
+    assert action in nested[0].choices, line
+    parser = nested[0].choices[action]
+  options = {s: a for a in parser._actions for s in a.option_strings}
   for flag, value in re.findall(r"(--[\w-]+)(?: ([^\s\]]+))?", " ".join(rest)):
     assert flag in options, f"{line}: {flag}"
     choices = options[flag].choices
