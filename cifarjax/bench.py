@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from cifarjax import mesh as mesh_lib
+from cifarjax.errors import note
 
 # (header, row key, format of a value that is not None)
 COLUMNS = (("benchmark", "benchmark", "{}"), ("batch", "batch_size", "{}"),
@@ -109,13 +110,17 @@ def time_calls(fn, steps: int):
   return first_s, (time.perf_counter() - t0) / steps
 
 
-def time_compiled(jitted, args, steps: int, mesh, carries_state: bool = False):
+def time_compiled(jitted, args, steps: int, mesh, carries_state: bool = False,
+                  what: str = "the step"):
   """(compile seconds, seconds per step, FLOPs per step) of `jitted(*args)`: compiled ahead
   of time, so that the executable timed is the one whose cost is read. carries_state: the
-  step donates args[0] and returns the next one first, so each call gets the last one's."""
+  step donates args[0] and returns the next one first, so each call gets the last one's.
+  Says what it does (`what` names the step): compiling takes seconds to minutes."""
+  note(f"compiling {what} (seconds to minutes)")
   t0 = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   compile_s = time.perf_counter() - t0
+  note(f"compiled in {compile_s:.1f} s; timing {steps + 1} calls of {what}")
   carry = {"state": args[0]}
 
   def call():
@@ -148,7 +153,7 @@ def classifier(batch_size: int = 256, steps: int = 20, mesh=None) -> dict:
   batch = _random_batch(mesh, batch_size, -2, 2)
   rng = jax.random.PRNGKey(0)
   times = time_compiled(make_train_step(model, tx, mesh), (state, batch, rng), steps, mesh,
-                        carries_state=True)
+                        carries_state=True, what="the classifier's train step")
   return _row("classifier train step", mesh, batch_size, *times)
 
 
@@ -165,7 +170,7 @@ def diffusion(batch_size: int = 256, steps: int = 20, mesh=None) -> dict:
   batch = _random_batch(mesh, batch_size, -1, 1)
   step = td.make_train_step(model, schedule, tx, mesh, config)
   times = time_compiled(step, (state, batch, jax.random.PRNGKey(0)), steps, mesh,
-                        carries_state=True)
+                        carries_state=True, what="the generator's train step")
   return _row("diffusion train step", mesh, batch_size, *times)
 
 
@@ -182,7 +187,8 @@ def sampler(batch_size: int = 256, steps: int = 2, sample_steps: int = 50, mesh=
   sample = make_sampler(model, mesh, batch_size, sampler="ddim", steps=sample_steps, guidance=0.0)
   labels = np.arange(batch_size, dtype=np.int32) % 100
   schedule = jax.device_put(schedule, mesh_lib.replicated(mesh))
-  times = time_compiled(sample, (params, schedule, jax.random.PRNGKey(0), labels), steps, mesh)
+  times = time_compiled(sample, (params, schedule, jax.random.PRNGKey(0), labels), steps, mesh,
+                        what=f"the {sample_steps}-step DDIM sampler")
   return _row(f"DDIM-{sample_steps} sampling", mesh, batch_size, *times)
 
 
@@ -207,7 +213,7 @@ def fid(batch_size: int = 50, steps: int = 5, weights=None, mesh=None) -> dict:
   variables = jax.device_put(variables, mesh_lib.replicated(mesh))
   images = np.random.default_rng(0).integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)
   batch = jax.device_put(images, mesh_lib.batch_sharded(mesh))
-  times = time_compiled(step, (variables, batch), steps, mesh)
+  times = time_compiled(step, (variables, batch), steps, mesh, what="the FID feature step")
   return _row("FID features", mesh, batch_size, *times, weights=weights_used)
 
 

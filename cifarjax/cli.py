@@ -11,9 +11,11 @@ settings (a script that registered variants itself can call it); `run()` is the
 `cifarjax` command, which starts its own process with settings for speed.
 
 Mistakes in the input (`errors.UserError`, and the messages cifarjax's own code
-raises) print as one line `cifarjax <command>: error: ...` with exit code 2;
-Ctrl-C prints one line and exits 130; real bugs keep their traceback. Phase
-messages and notices go to stderr, results to stdout.
+raises) print as one line `cifarjax <command>: error: ...` with exit code 2; a
+file that cannot be written (`errors.WriteError`: a full disk, a quota) one line
+with exit code 1; Ctrl-C (SIGINT) and SIGTERM print one line and exit 130 and 143;
+real bugs keep their traceback. Phase messages and notices go to stderr, results
+to stdout.
 """
 
 import argparse
@@ -24,7 +26,9 @@ import importlib
 import logging
 import os
 import platform
+import signal
 import sys
+import threading
 import warnings
 
 from cifarjax import __version__, errors
@@ -86,15 +90,25 @@ class _StderrHandler(logging.Handler):
       self.handleError(record)
 
 
-@contextlib.contextmanager
-def _messages_to_stderr(prefix: str):
-  """Routes the "cifarjax" logger and `errors.Notice` warnings to stderr for one command."""
-  logger = logging.getLogger("cifarjax")
+# Libraries' logs kept out of a command's output: absl's (orbax's progress notes, and the
+# traceback of each of its writer threads when a disk is full) and asyncio's (orbax's
+# writes that were still pending then, reported as the process exits). What goes wrong
+# reaches the command as an exception.
+QUIET_LOGGERS = ("absl", "asyncio")
+
+
+def route_messages(prefix: str):
+  """Routes the "cifarjax" logger and `errors.Notice` warnings to stderr as `prefix: ...`
+  lines, and keeps QUIET_LOGGERS quiet; returns the function that undoes it. A script
+  that imports cifarjax calls it once to show what `cifarjax` commands show."""
+  logger, quiet = logging.getLogger("cifarjax"), [logging.getLogger(n) for n in QUIET_LOGGERS]
   handler = _StderrHandler(prefix)
-  saved = logger.level, logger.propagate
+  saved = logger.level, logger.propagate, [q.level for q in quiet]
   logger.addHandler(handler)
   logger.setLevel(logging.INFO)
   logger.propagate = False
+  for q in quiet:
+    q.setLevel(logging.CRITICAL)
   show = warnings.showwarning
 
   def show_notice(message, category, filename, lineno, file=None, line=None):
@@ -104,13 +118,42 @@ def _messages_to_stderr(prefix: str):
       show(message, category, filename, lineno, file, line)
 
   warnings.showwarning = show_notice
-  try:
-    yield
-  finally:
+
+  def undo():
     warnings.showwarning = show
     logger.removeHandler(handler)
     logger.setLevel(saved[0])
     logger.propagate = saved[1]
+    for q, level in zip(quiet, saved[2]):
+      q.setLevel(level)
+  return undo
+
+
+@contextlib.contextmanager
+def _messages_to_stderr(prefix: str):
+  """`route_messages` for one command."""
+  undo = route_messages(prefix)
+  try:
+    yield
+  finally:
+    undo()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+  """SIGTERM raises `errors.Interrupted` while a command runs, as Ctrl-C raises
+  KeyboardInterrupt, so that it stops with one line and what it opened is closed (a
+  training loop takes the signal over to stop at a step boundary). Where SIGTERM has a
+  handler of the caller's, that one stays."""
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+    yield
+    return
+  signal.signal(signal.SIGTERM, errors.raise_interrupted)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _imports_named(argv) -> list[str]:
@@ -136,15 +179,18 @@ def main(argv=None) -> int:
   argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
   command = argv[0] if argv and not argv[0].startswith("-") else ""
   prefix = f"cifarjax {command}".strip()
-  with _messages_to_stderr(prefix):
+  with _messages_to_stderr(prefix), _sigterm_interrupts():
     try:
       return _run(argv) or 0
     except KeyboardInterrupt as e:
-      message = str(e) if isinstance(e, errors.Interrupted) else "interrupted." + (
-          " Run the same command to resume from the latest checkpoint."
-          if command.startswith("train-") else "")
-      print(f"{prefix}: {message}", file=sys.stderr)
-      return 130
+      stopped = e if isinstance(e, errors.Interrupted) else errors.Interrupted()
+      resume = (" Run the same command to resume from the latest checkpoint."
+                if stopped.step is None and command.startswith("train-") else "")
+      print(f"{prefix}: {stopped}{resume}", file=sys.stderr)
+      return stopped.exit_code
+    except errors.WriteError as e:
+      print(f"{prefix}: error: {e}", file=sys.stderr)
+      return 1
     except Exception as e:
       if not errors.is_user_facing(e):
         raise  # a bug: its traceback is what a report needs
@@ -190,9 +236,12 @@ def keep_call_buffers():
 
 def run():
   """The `cifarjax` command: `main()` in a process started with MALLOC_TUNABLES, its CPU
-  calls on the main thread (`keep_call_buffers`)."""
+  calls on the main thread (`keep_call_buffers`), and its QUIET_LOGGERS quiet to its end
+  (orbax's pending writes are reported as it exits)."""
   reexec_with_huge_pages(["-m", "cifarjax", *sys.argv[1:]])
   keep_call_buffers()
+  for name in QUIET_LOGGERS:
+    logging.getLogger(name).setLevel(logging.CRITICAL)
   sys.exit(main())
 
 

@@ -466,11 +466,12 @@ def from_dict(cls, d: dict):
 
 
 def save_json(config, path, record: dict | None = None):
-  """Writes config.json: the run kind, every field, and the record of the registry entries
-  the config names (`plugins.record`: theirs now, unless `record` gives another)."""
+  """Writes config.json (atomically): the run kind, every field, and the record of the
+  registry entries the config names (`plugins.record`: theirs now, unless `record` gives
+  another)."""
+  from cifarjax import runlog
   record = record or plugins.record(entries_used(config))
-  with open(path, "w") as f:
-    json.dump({"type": type(config).__name__, **to_dict(config), **record}, f, indent=2)
+  runlog.write_json(path, {"type": type(config).__name__, **to_dict(config), **record})
 
 
 def read_saved(path) -> tuple:
@@ -488,6 +489,21 @@ def _check_folder(workdir):
   path = pathlib.Path(workdir)
   if path.exists() and not path.is_dir():
     raise UserError(f"--workdir {workdir} is a file, not a folder; name a folder for the run")
+
+
+def _check_empty(workdir):
+  """A folder without a run's config.json must hold nothing (hidden files aside, and the
+  .tmp of a config.json being written beside this process), or the run would write into
+  someone's files."""
+  path = pathlib.Path(workdir)
+  if not path.is_dir():
+    return
+  found = sorted(p.name for p in path.iterdir()
+                 if not p.name.startswith(".") and not p.name.endswith(".tmp"))
+  if found:
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    raise UserError(f"--workdir {workdir} holds files but no run (no config.json): {shown}; "
+                    f"name a new or empty folder for the run")
 
 
 def load_run_config(workdir, cls, what: str, train_command: str, note_changes: bool = False):
@@ -537,6 +553,7 @@ def check_resumable(workdir, config):
   _check_folder(workdir)
   path = pathlib.Path(workdir) / "config.json"
   if not path.exists():
+    _check_empty(workdir)
     return
   kind, saved, recorded = read_saved(path)
   if kind != type(config).__name__:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from cifarjax import compiler, diffusion, mesh as mesh_lib
 from cifarjax.augment import to_model_range, to_uint8
-from cifarjax.errors import UserError, note
+from cifarjax.errors import UserError, note, writing
 # The checkpoint's state is the trainer's (DiffusionState), so reading one back is its job.
 from cifarjax.train_diffusion import load_trained, make_schedule
 
@@ -89,15 +89,36 @@ def _check_guidance(guidance: float, config):
                   "this one never saw the null label, so guided samples are unreliable"))
 
 
+# The progress bar that compiled samplers advance by a step at each call of the model
+# (`_step_done`): set while `generate` runs, None otherwise.
+_STEP_BAR = [None]
+
+
+def _step_done():
+  if _STEP_BAR[0] is not None:
+    _STEP_BAR[0].update()
+
+
+def _counting_steps(model_fn):
+  """model_fn that tells the host (`_step_done`) of each call: one per step of a chain,
+  and under `sample`'s vmap one per step of the whole batch (the callback takes no
+  batched input, so vmap leaves it single)."""
+  def counted(x, t, labels):
+    jax.debug.callback(_step_done)
+    return model_fn(x, t, labels)
+  return counted
+
+
 @functools.lru_cache(maxsize=32)
 def make_sampler(model, mesh, batch_size: int, *, sampler: str, steps: int | None,
                  guidance: float, prediction: str = "eps", clip: str = "static",
-                 eta: float = 0.0, sampler_kwargs: tuple = ()):
+                 eta: float = 0.0, sampler_kwargs: tuple = (), progress: bool = False):
   """sample_batch(params, schedule, rng, labels (batch_size,)) -> float images, jitted and
   split over the mesh's devices (each image's chain runs where its label lies).
   prediction: what the model outputs (its DiffusionConfig.prediction); clip: what the
   predicted clean images go through (`diffusion.CLIPS`); eta and sampler_kwargs go to the
   sampler (the settings as (name, value) pairs, lists as tuples: the cache's key).
+  progress: each step advances the bar `generate` shows (a host callback per step).
 
   Cached: the same settings give the same jitted function, so sampling other weights
   or another schedule of the same length (raw against EMA weights, a later
@@ -108,7 +129,9 @@ def make_sampler(model, mesh, batch_size: int, *, sampler: str, steps: int | Non
   guidance = float(guidance)
 
   def sample_batch(params, schedule, rng, labels):
-    return diffusion.sample(_model_fn(model, params), schedule, rng, labels, sampler=sampler,
+    model_fn = _model_fn(model, params)
+    model_fn = _counting_steps(model_fn) if progress else model_fn
+    return diffusion.sample(model_fn, schedule, rng, labels, sampler=sampler,
                             num_steps=steps, guidance=guidance, null_label=model.num_classes,
                             prediction=prediction, clip=clip, eta=eta,
                             sampler_kwargs=dict(sampler_kwargs))
@@ -149,17 +172,28 @@ def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
   _check_guidance(guidance, config)
   batch_size = -(-min(batch_size, max(len(labels), 1)) // mesh.size) * mesh.size
   schedule = jax.device_put(make_schedule(config), mesh_lib.replicated(mesh))  # once, not per batch
+  progress = progress and jax.process_index() == 0
   sample_batch = make_sampler(model, mesh, batch_size, sampler=sampler, steps=steps,
                               guidance=guidance, prediction=config.prediction, clip=clip,
-                              eta=float(eta), sampler_kwargs=_hashable(sorted(settings.items())))
+                              eta=float(eta), sampler_kwargs=_hashable(sorted(settings.items())),
+                              progress=progress)
   key, out = jax.random.PRNGKey(seed), []
   starts = range(0, len(labels), batch_size)
-  for i, start in enumerate(tqdm(starts, desc=f"sample ({sampler})", unit="batch",
-                                 disable=not progress or jax.process_index() != 0)):
-    chunk = labels[start:start + batch_size]
-    padded = np.concatenate([chunk, np.zeros(batch_size - len(chunk), np.int32)])
-    images = sample_batch(params, schedule, jax.random.fold_in(key, i), padded)
-    out.append(to_uint8(jax.device_get(images))[:len(chunk)])
+  steps_per_batch = config.num_timesteps if steps is None else steps
+  if starts:
+    note(f"sampling {len(labels):,} images in {len(starts)} batch(es) of {steps_per_batch} "
+         f"{sampler} steps; the first batch compiles the sampler")
+  with tqdm(total=len(starts) * steps_per_batch, desc=f"sample ({sampler})", unit="step",
+            disable=not progress) as bar:
+    _STEP_BAR[0] = bar
+    try:
+      for i, start in enumerate(starts):
+        chunk = labels[start:start + batch_size]
+        padded = np.concatenate([chunk, np.zeros(batch_size - len(chunk), np.int32)])
+        images = sample_batch(params, schedule, jax.random.fold_in(key, i), padded)
+        out.append(to_uint8(jax.device_get(images))[:len(chunk)])
+    finally:
+      _STEP_BAR[0] = None
   return np.concatenate(out) if out else np.zeros((0, 32, 32, 3), np.uint8)
 
 
@@ -216,8 +250,9 @@ def interpolate(workdir, image_a, label_a: int, image_b, label_b: int, frames: i
 
 def save_npz(path, images, labels):
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  np.savez(path, images=np.asarray(images, np.uint8), labels=np.asarray(labels, np.int64))
+  with writing(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=np.asarray(images, np.uint8), labels=np.asarray(labels, np.int64))
 
 
 def default_labels(num: int, num_classes: int) -> np.ndarray:
@@ -252,6 +287,7 @@ def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: st
   check_sample_from(sample_from, workdir)
   check_clip(clip)
   sampler_kwargs = check_sampler(saved_run(workdir)[0], sampler, steps, eta, sampler_kwargs)
+  weights = fid.resolve_weights_path(weights)  # found (or refused) before the model loads
   mesh = mesh or mesh_lib.make_mesh()
   note(f"loading the generator in {workdir}")
   trained = load_trained(workdir, mesh)

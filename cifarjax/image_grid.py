@@ -5,6 +5,8 @@ import pathlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cifarjax.errors import writing
+
 
 def tile(rows, gap: int = 2, scale: int = 1, background: int = 255) -> np.ndarray:
   """One uint8 image of `rows` (each a list of HWC images, ragged allowed), `gap` pixels
@@ -30,8 +32,9 @@ def rows_by_class(images, labels) -> list[list[np.ndarray]]:
 
 def save_png(path, array) -> pathlib.Path:
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(array).save(path)
+  with writing(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
   return path
 
 

@@ -13,16 +13,18 @@ step per call, so every boundary lands where it does with k = 1.
 """
 
 import dataclasses
+import itertools
 import signal
 import threading
 import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from cifarjax import augment, checkpoint, compiler, mesh as mesh_lib, runlog
-from cifarjax.errors import Interrupted, note
+from cifarjax.errors import Interrupted, note, raise_interrupted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,32 +155,67 @@ def _crosses_boundary(step: int, k: int, s: LoopSettings) -> bool:
              for every in (s.log_every, s.eval_every, s.checkpoint_every))
 
 
-class _StopOnCtrlC:
-  """While active, a first Ctrl-C (SIGINT) only asks the loop to stop at the next step
-  boundary (`requested`); a second one interrupts at once, as Python does by default.
-  Active only in the main thread of a single-process run, and only where SIGINT has
-  Python's default handler (several processes must stop together, and a caller's own
-  handler stays in charge)."""
+# The signals that stop training at a step boundary, and the handlers that they must have
+# for the loop to take them over (a caller's own handler stays in charge): SIGINT
+# Python's, SIGTERM the system's or the CLI's.
+_STOPPABLE = {signal.SIGINT: (signal.default_int_handler,),
+              signal.SIGTERM: (signal.SIG_DFL, raise_interrupted)}
+
+
+class _StopOnSignal:
+  """While active, a first SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop at the
+  next step boundary (`signum`); a second one stops at once (`errors.Interrupted`).
+  Active only in the main thread of a single-process run: several processes must stop
+  at one step, which JAX's preemption sync decides for them (`_preempted`)."""
 
   def __init__(self):
-    self.requested, self._previous = False, None
+    self.signum, self._previous = None, {}
 
   def __enter__(self):
-    if (threading.current_thread() is threading.main_thread() and jax.process_count() == 1
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-      self._previous = signal.signal(signal.SIGINT, self._handle)
+    if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+      for signum, defaults in _STOPPABLE.items():
+        if signal.getsignal(signum) in defaults:
+          self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-    note("Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again to stop "
-         "at once, losing the steps since the last checkpoint)")
+    if self.signum is not None:
+      raise_interrupted(signum, frame)
+    self.signum = signum
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    note(f"{name}: stopping after this step to save a checkpoint ({name} again to stop at "
+         f"once, losing the steps since the last checkpoint)")
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+
+
+# JAX's preemption sync stops every process at the counter just past the highest that any
+# process had passed when one received SIGTERM; so the counter goes up by one per call and
+# is never reused in a process. Every process of a run makes the same calls: the
+# counters agree.
+_SYNC_COUNTER = itertools.count(1)
+
+
+def _preempted() -> bool:
+  """Whether this call is the one at which every process of a multi-process run stops,
+  because one of them received SIGTERM (JAX handles that signal in such a run). Called
+  after every call in every process; no communication unless a process was signalled."""
+  try:
+    return multihost_utils.reached_preemption_sync_point(next(_SYNC_COUNTER))
+  except RuntimeError:  # JAX's preemption service is off (jax_enable_preemption_service)
+    return False
+
+
+def _compile(calls: dict, state) -> dict:
+  """`step_calls`' calls compiled ahead of time, saying so: compiling takes seconds to
+  minutes, and stays out of the first logged images/s."""
+  note("compiling the train step (seconds to minutes)")
+  t0 = time.perf_counter()
+  compiled = {k: call.lower(state).compile() for k, call in calls.items()}
+  note(f"compiled in {time.perf_counter() - t0:.1f} s")
+  return compiled
 
 
 def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSettings,
@@ -186,18 +223,21 @@ def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSett
   """Trains from the latest checkpoint in `workdir` (or `state`) to `settings.steps`.
 
   Returns (final state, last evaluation dict, wall seconds spent in this call).
-  Ctrl-C stops it at the next step boundary after saving a checkpoint there, raising
-  `errors.Interrupted` (a KeyboardInterrupt); running it again resumes from that step.
-  time_limit_s stops it the same way at the first boundary after that many seconds
-  from this call (compiling included; 0: after the first call's steps), for a run that
-  must fit a time budget. Single-process runs only: processes that stopped on their
-  own clocks could stop at different steps.
+  Ctrl-C (SIGINT) or SIGTERM stops it at the next step boundary after saving a checkpoint
+  there, raising `errors.Interrupted` (a KeyboardInterrupt) with the signal; running it
+  again resumes from that step. In a multi-process run, SIGTERM to any process stops all
+  of them at one step (JAX's preemption sync). time_limit_s stops it the same way at the
+  first boundary after that many seconds from this call (compiling included; 0: after
+  the first call's steps), for a run that must fit a time budget. Single-process runs
+  only: processes that stopped on their own clocks could stop at different steps.
+  A checkpoint that cannot be written (a full disk) raises `errors.WriteError`; the
+  last complete one stays, and the next start removes the partial one.
   """
   s = settings
   if time_limit_s is not None and jax.process_count() > 1:
     raise ValueError("a time limit needs a single-process run (processes would stop apart)")
   deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
-  mngr = checkpoint.manager(workdir, s.keep_checkpoints)
+  mngr = checkpoint.manager(workdir, s.keep_checkpoints, cleanup=True)
   restored = checkpoint.restore_latest(mngr, state)
   if restored is not None:
     state = restored
@@ -208,35 +248,40 @@ def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSett
     note(f"the checkpoint in {mngr.directory} is at step {start}, and the run asks for "
          f"{s.steps}: nothing to train (a larger --steps trains on); evaluating")
   else:
-    note(f"starting at step 0 of {s.steps}; the first step compiles the train step "
-         f"(seconds to minutes)")
+    note(f"starting at step 0 of {s.steps}")
   log = runlog.MetricsLog(workdir, resume_step=start)
   last_good = mngr.latest_step()
   pending, evaluation = [], {}
-  t0 = t_last = time.perf_counter()
+  t0 = time.perf_counter()
   bar = tqdm(total=s.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0)
-  stop = _StopOnCtrlC()
+  multi_process = jax.process_count() > 1
+  stop = _StopOnSignal()
   try:
     stop.__enter__()
-    calls = step_calls(draw, train_step, s.steps_per_call, state)
+    if start < s.steps:
+      calls = _compile(step_calls(draw, train_step, s.steps_per_call, state), state)
+    t_last = time.perf_counter()
     step = start
     while step < s.steps:
       out_of_time = deadline is not None and time.monotonic() >= deadline
-      if (stop.requested or out_of_time) and step > start:
-        if out_of_time and not stop.requested:
+      if (stop.signum or out_of_time) and step > start:
+        if out_of_time and not stop.signum:
           note(f"time limit of {time_limit_s:g} s reached at step {step}: saving a checkpoint")
         if pending:
           _flush(pending, log, lr_fn, s.batch_size, t_last, bar, last_good)
           pending = []
         if last_good != step:
           checkpoint.save(mngr, step, state)
-        raise Interrupted(step, s.steps)
+        raise Interrupted(step, s.steps, stop.signum)
       k = s.steps_per_call if not _crosses_boundary(step, s.steps_per_call, s) else 1
       state, stacked = calls[k](state)
       pending.extend(_unstack(step, stacked))
       step += k
       bar.update(step - bar.n)
+      if multi_process and _preempted():
+        note(f"a process received SIGTERM: every process stops at step {step}")
+        stop.signum = signal.SIGTERM
       done = step
       boundary = {
           "log": done % s.log_every == 0 or done == s.steps,
@@ -252,15 +297,15 @@ def run(workdir, state, *, draw, train_step, evaluate, lr_fn, settings: LoopSett
         bar.set_description(desc)
         if evaluation:
           log.write({"step": done, **evaluation})
-        t_last = time.perf_counter()  # eval time is not training throughput
       if boundary["ckpt"]:
         checkpoint.save(mngr, done, state)
         last_good = done
+      if boundary["eval"] or boundary["ckpt"]:
+        t_last = time.perf_counter()  # evaluating and saving are not training throughput
   finally:
     stop.__exit__()
     bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
+    checkpoint.close(mngr)
   if start >= s.steps:  # nothing to train: still report where the run stands
     evaluation = evaluate(state)
   return state, evaluation, time.perf_counter() - t0

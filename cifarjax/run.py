@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from cifarjax import config as config_lib, loop, mesh as mesh_lib, runlog
-from cifarjax.errors import UserError
+from cifarjax.errors import UserError, UserFileNotFoundError, writing
 
 
 def open_workdir(config, workdir, mesh=None, batch_fields=("batch_size",)):
@@ -40,7 +40,8 @@ def open_workdir(config, workdir, mesh=None, batch_fields=("batch_size",)):
 def write_start(workdir: pathlib.Path, config, class_names):
   """Creates the workdir and writes config.json and classes.json (process 0 only). A resume
   keeps config.json's record of the registry entries' code as the run started with it."""
-  workdir.mkdir(parents=True, exist_ok=True)
+  with writing(workdir):
+    workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     path = workdir / "config.json"
     record = config_lib.read_saved(path)[2] if path.exists() else None
@@ -67,12 +68,20 @@ def write_summary(workdir: pathlib.Path, summary: dict, mesh, plot) -> dict:
 
 
 def read_run(workdir, config_cls, train_command: str):
-  """(config, class_names) of the run in `workdir`, checked to be a `config_cls` run, its
-  modules imported; a Notice for each registry entry whose code changed since it started."""
+  """(config, class_names) of the trained run in `workdir`, checked to be a `config_cls`
+  run with a checkpoint, or an exported folder (before a model is built: that takes
+  seconds), its modules imported; a Notice for each registry entry whose code changed
+  since it started."""
+  from cifarjax import checkpoint
   workdir = pathlib.Path(workdir)
   what = f"{config_lib.RUN_KINDS[config_cls.__name__]} run"
   config = config_lib.load_run_config(workdir, config_cls, what, train_command,
                                       note_changes=True)
+  if not is_export(workdir) and checkpoint.latest_step(workdir) is None:
+    raise UserFileNotFoundError(
+        f"{workdir}/checkpoints holds no checkpoint yet: its run stopped before its first; "
+        f"train it with `cifarjax {train_command} --workdir {workdir}` and the settings in "
+        f"its config.json")
   return config, tuple(runlog.read_json(workdir / "classes.json"))
 
 
@@ -112,14 +121,19 @@ def export_weights(workdir, out, params, step: int, weights_from: str):
   flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
   summary_path = workdir / "summary.json"
   summary = runlog.read_json(summary_path) if summary_path.exists() else {}
-  out.mkdir(parents=True, exist_ok=True)
+  with writing(out):
+    out.mkdir(parents=True, exist_ok=True)
   for name in ("config.json", "classes.json"):
-    (out / name).write_bytes((workdir / name).read_bytes())
+    runlog.write_text(out / name, (workdir / name).read_text())
   runlog.write_json(out / "summary.json", {**summary, "exported_step": step,
                                            "exported_weights": weights_from})
   tmp = out / (WEIGHTS_FILE + ".tmp.npz")
-  np.savez(tmp, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
-  tmp.replace(out / WEIGHTS_FILE)
+  try:
+    with writing(out / WEIGHTS_FILE):
+      np.savez(tmp, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
+      tmp.replace(out / WEIGHTS_FILE)
+  finally:
+    tmp.unlink(missing_ok=True)
 
 
 def load_exported(workdir, like_params, mismatch: str):

@@ -5,13 +5,24 @@ import pathlib
 
 import jax
 
+from cifarjax.errors import writing
 
-def write_json(path, obj):
-  """Writes atomically, so an interrupted run never leaves half a file."""
+
+def write_text(path, text: str):
+  """Writes atomically, so that an interrupted run or a full disk never leaves half a file
+  (nor spoils the one there): `errors.WriteError` where the text cannot be written."""
   path = pathlib.Path(path)
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2) + "\n")
-  tmp.replace(path)
+  try:
+    with writing(path):
+      tmp.write_text(text)
+      tmp.replace(path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj):
+  write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path):
@@ -19,10 +30,17 @@ def read_json(path):
 
 
 def read_metrics(workdir) -> list[dict]:
+  """The records of metrics.jsonl; a last line cut short (a process killed, or a disk
+  filled, while appending it) is left out."""
   path = pathlib.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  records = [json.loads(line) for line in lines[:-1]]
+  try:
+    return records + [json.loads(line) for line in lines[-1:]]
+  except json.JSONDecodeError:
+    return records
 
 
 class MetricsLog:
@@ -37,9 +55,9 @@ class MetricsLog:
     self.active = jax.process_index() == 0
     if self.active and self.path.exists():
       kept = [r for r in read_metrics(workdir) if r["step"] <= resume_step]
-      self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+      write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
   def write(self, record: dict):
     if self.active:
-      with self.path.open("a") as f:
+      with writing(self.path), self.path.open("a") as f:
         f.write(json.dumps(record) + "\n")

@@ -206,7 +206,7 @@ def train(config: DiffusionConfig, workdir, mesh=None, model: nn.Module | None =
       "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
       **{f"final_{k}": v for k, v in final_eval.items()},
       "num_train": len(train_data), "wall_seconds_this_call": seconds,
-  }, mesh, plots.loss_curve)
+  }, mesh, plots.generator_graph)
 
 
 def load_trained(workdir, mesh=None, model: nn.Module | None = None):

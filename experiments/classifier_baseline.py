@@ -65,6 +65,7 @@ def run(out, quick=False, data=None, seeds=(0, 1, 2)) -> common.Section:
 
 def main():
   common.use_huge_pages()
+  common.show_messages()
   p = common.parser(__doc__)
   p.add_argument("--seeds", type=int, default=3)
   args = p.parse_args()

@@ -94,10 +94,17 @@ def use_huge_pages():
   """Restarts the script with the `cifarjax` command's malloc settings for XLA's
   buffers, and keeps them from call to call as the command does (faster CPU steps,
   docs/benchmarks.md). Each script's main() calls it first (the imports above it
-  then run twice: a few seconds)."""
+  then run twice: a few seconds), then `show_messages`."""
   from cifarjax import cli
   cli.reexec_with_huge_pages(sys.orig_argv[1:])
   cli.keep_call_buffers()
+
+
+def show_messages():
+  """Shows cifarjax's phase messages (loading, compiling, resuming, ...) on stderr as the
+  `cifarjax` command does, each line prefixed with the script's name."""
+  from cifarjax import cli
+  cli.route_messages(pathlib.Path(sys.argv[0]).name)
 
 
 def parser(description) -> argparse.ArgumentParser:

@@ -114,6 +114,7 @@ def figure(records, path):
 
 def main():
   common.use_huge_pages()
+  common.show_messages()
   p = common.parser(__doc__)
   p.add_argument("--fid-weights", required=True, help="pt_inception-2015-12-05 weights (.pth or .npz)")
   p.add_argument("--train-only", action="store_true", help="train to the milestones, measure nothing")

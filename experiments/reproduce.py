@@ -85,6 +85,7 @@ def run_all(out, quick=False, data=None, fid_weights=None, seeds=3):
 
 def main():
   common.use_huge_pages()
+  common.show_messages()
   p = common.parser(__doc__)
   p.add_argument("--fid-weights", help="pt_inception-2015-12-05 weights (.pth or .npz); "
                  "without them the FID rows say skipped")

@@ -15,6 +15,9 @@ the variables it runs alone, as the reference. MODEs, run in order:
   train  a 2-step `train_classifier.train` with a checkpoint at each step into
          DIR/workdir, then `load_trained` from it; each process writes
          DIR/train-<I>.json.
+  preempt  `train_classifier.train` for 100,000 steps into DIR/preempted, until SIGTERM
+         to any process stops them all (tests/test_multiprocess.py sends it to one);
+         each process writes DIR/preempt-<I>.json: the step and signal it stopped with.
 """
 
 import argparse
@@ -24,7 +27,7 @@ import pathlib
 import jax
 
 parser = argparse.ArgumentParser()
-parser.add_argument("modes", nargs="+", choices=("step", "diffusion", "train"))
+parser.add_argument("modes", nargs="+", choices=("step", "diffusion", "train", "preempt"))
 parser.add_argument("--out", required=True)
 args = parser.parse_args()
 
@@ -133,7 +136,21 @@ def train():
   (out / f"train-{jax.process_index()}.json").write_text(json.dumps(record))
 
 
+def preempt():
+  import dataclasses
+  from cifarjax.errors import Interrupted
+  from cifarjax.train_classifier import train as train_classifier
+  config = dataclasses.replace(CONFIG, steps=100_000, eval_every=100_000,
+                               checkpoint_every=100_000)
+  try:
+    train_classifier(config, out / "preempted", model=MODEL)
+    record = {"step": None}
+  except Interrupted as stopped:
+    record = {"step": stopped.step, "signum": stopped.signum}
+  (out / f"preempt-{jax.process_index()}.json").write_text(json.dumps(record))
+
+
 for mode in args.modes:
-  {"step": step, "diffusion": diffusion, "train": train}[mode]()
+  {"step": step, "diffusion": diffusion, "train": train, "preempt": preempt}[mode]()
 if jax.process_count() > 1:
   jax.distributed.shutdown()

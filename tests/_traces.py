@@ -3,6 +3,7 @@ the spirit of chex.assert_max_traces, for jitted functions built inside the trai
 
 import collections
 import contextlib
+import types
 
 import jax
 import pytest
@@ -30,10 +31,14 @@ def loop_traces():
     fused = real_fuse(draw, train_step, num_steps, state, **kwargs)
     seen["name"] = fused.__name__
 
-    def counted(state):
-      seen["calls"] += num_steps
-      return fused(state)
-    return counted
+    def counted(compiled):
+      def call(state):
+        seen["calls"] += num_steps
+        return compiled(state)
+      return call
+    # The loop compiles each fused step ahead of time (`.lower(state).compile()`).
+    return types.SimpleNamespace(lower=lambda state: types.SimpleNamespace(
+        compile=lambda: counted(fused.lower(state).compile())))
 
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:

@@ -81,6 +81,18 @@ def fresh_registries(monkeypatch, tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def cifarjax_cache(tmp_path_factory):
+  """Downloads and decoded images go to a cache of the session's own, not the user's."""
+  previous = os.environ.get("CIFARJAX_CACHE")
+  os.environ["CIFARJAX_CACHE"] = str(tmp_path_factory.mktemp("cifarjax-cache"))
+  yield pathlib.Path(os.environ["CIFARJAX_CACHE"])
+  if previous is None:
+    del os.environ["CIFARJAX_CACHE"]
+  else:
+    os.environ["CIFARJAX_CACHE"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
 def jax_compilation_cache(tmp_path_factory):
   """Tests build the same small programs in several places; compile each once."""
   import jax

@@ -106,7 +106,13 @@ def test_bench_classifier_row(capsys, monkeypatch):
   monkeypatch.setattr(train_classifier, "make_train_step",
                       lambda *a, **k: CountedJit(real_make(*a, **k)))
   assert cli.main(["bench", "classifier", "--batch-size", "8", "--steps", "2", "--json"]) == 0
-  row = json.loads(capsys.readouterr().out.splitlines()[-1])
+  printed = capsys.readouterr()
+  row = json.loads(printed.out.splitlines()[-1])
+  # What it does is said as it starts: compiling takes the longest.
+  notes = [line for line in printed.err.splitlines() if line.startswith("cifarjax bench: ")]
+  assert notes[0] == "cifarjax bench: compiling the classifier's train step (seconds to minutes)"
+  assert notes[1].startswith("cifarjax bench: compiled in ")
+  assert notes[1].endswith(" s; timing 3 calls of the classifier's train step")
   assert set(bench.KEYS) <= set(row)
   assert row["benchmark"] == "classifier train step"
   assert row["batch_size"] == 8

@@ -244,7 +244,8 @@ def test_7_one_point_series_show_in_both_figures(classifier_run, tmp_path):
   green = (0x2C, 0xA0, 0x2C)  # matplotlib's third colour: test loss / test accuracy
   assert _pixels_of(graph, green) > 150  # a legend line alone has about 70
   (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0}) + "\n")
-  assert _pixels_of(plots.loss_curve(tmp_path), (0x1F, 0x77, 0xB4)) > 20  # no legend: 0 blank
+  blue = (0x1F, 0x77, 0xB4)  # the first colour: the generator's train batch loss
+  assert _pixels_of(plots.generator_graph(tmp_path), blue) > 110  # its legend line alone: 77
 
 
 # --- 8: ordinary mistakes without tracebacks ---------------------------------------------
@@ -369,7 +370,9 @@ def test_10_training_phases_and_resume_are_announced(classifier_run):
   _, _, first = classifier_run["interrupted"]
   assert "cifarjax train-classifier: loading " in first
   assert "30 training and 10 test images of 5 classes" in first
-  assert "starting at step 0 of 3; the first step compiles" in first
+  assert "starting at step 0 of 3\n" in first
+  assert "cifarjax train-classifier: compiling the train step (seconds to minutes)" in first
+  assert "cifarjax train-classifier: compiled in " in first
   _, _, second = classifier_run["resumed"]
   assert "cifarjax train-classifier: resuming from step 1 of 3" in second
   assert "classifier (evaluating)" in second  # the bar says what it waits for
@@ -405,6 +408,127 @@ def test_10_11_interpolation_talks_and_shows_its_sources(generator_dir, tmp_path
   from cifarjax.data.synthetic import load_synthetic
   a = np.repeat(np.repeat(load_synthetic("train").images[0], 2, 0), 2, 1)
   np.testing.assert_array_equal(strip[2:66, 2:66], a)  # image a itself, at the left end
+
+
+# --- Long phases show their progress; what needs no data, model or weights comes first ---
+
+
+def test_sampling_counts_denoising_steps(generator_dir, tmp_path):
+  """A DDPM sample of the paper's model runs 1,000 steps per batch: the bar counts steps."""
+  for sampler, steps, shown in (("ddpm", (), "20/20"), ("ddim", ("--steps", 3), "6/6")):
+    code, _, err = call("sample", "--workdir", generator_dir, "--num", 3, "--batch-size", 2,
+                        "--sampler", sampler, *steps, "--out", tmp_path / "x.npz")
+    assert code == 0, err
+    per_batch = 10 if sampler == "ddpm" else 3
+    assert (f"cifarjax sample: sampling 3 images in 2 batch(es) of {per_batch} {sampler} steps"
+            in err)
+    assert f"sample ({sampler}): 100%" in err and f"| {shown} [" in err
+
+
+@pytest.mark.parametrize("command,module", [("eval-classifier", "train_classifier"),
+                                            ("sample", "train_diffusion")])
+def test_a_run_without_a_checkpoint_is_refused_before_its_model_is_built(tmp_path, monkeypatch,
+                                                                         command, module):
+  import importlib
+  config = (ClassifierConfig(data="synthetic") if command == "eval-classifier" else
+            DiffusionConfig(data="synthetic", unet="tiny", num_timesteps=10))
+  config_lib.save_json(config, tmp_path / "config.json")
+  runlog.write_json(tmp_path / "classes.json", [f"class_{i}" for i in range(10)])
+  def no_model(*args, **kwargs):
+    raise AssertionError("no model is built for a run without a checkpoint")
+  monkeypatch.setattr(importlib.import_module(f"cifarjax.{module}"), "init_state", no_model)
+  extra = ("--num", 2, "--out", tmp_path / "x.npz") if command == "sample" else ()
+  code, _, err = call(command, "--workdir", tmp_path, *extra)
+  assert code == 2
+  assert f"{tmp_path}/checkpoints holds no checkpoint yet" in error_of(err, command)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["classes.json", "config.json"]
+
+
+def test_fid_refuses_too_few_images_before_any_features(tmp_path, monkeypatch):
+  from cifarjax.fid import features, weights
+  def nothing_heavy(*args, **kwargs):
+    raise AssertionError("neither weights nor features for a source FID cannot use")
+  monkeypatch.setattr(features, "extract_features", nothing_heavy)
+  monkeypatch.setattr(weights, "resolve_weights_path", nothing_heavy)
+  one, many = tmp_path / "one.npz", tmp_path / "many.npz"
+  np.savez(one, images=np.zeros((1, 32, 32, 3), np.uint8))
+  np.savez(many, images=np.zeros((20, 32, 32, 3), np.uint8))
+  code, _, err = call("fid-stats", one, "--out", tmp_path / "stats.npz")
+  assert code == 2 and error_of(err, "fid-stats").endswith(
+      f"FID needs at least 2 images; {one} holds 1")
+  assert not (tmp_path / "stats.npz").exists()
+  code, _, err = call("fid", many, one)  # the first source's features would be wasted
+  assert code == 2 and error_of(err, "fid").endswith(f"FID needs at least 2 images; {one} holds 1")
+
+
+# --- Workdirs that hold other files, whole messages, FID weights installed once ----------
+
+
+@pytest.mark.parametrize("command", ["train-classifier", "train-diffusion"])
+def test_a_folder_of_other_files_is_refused_as_a_workdir(tmp_path, command):
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  (folder / "cat.png").write_bytes(png_bytes())
+  (folder / ".DS_Store").write_bytes(b"")  # hidden files are nobody's work
+  small = ("--batch-size", 8) + (("--unet", "tiny") if command == "train-diffusion" else ())
+  code, out, err = call(command, "--data", "synthetic", "--steps", 2, *small, "--workdir", folder)
+  assert code == 2 and out == ""
+  assert error_of(err, command).endswith(f"--workdir {folder} holds files but no run (no "
+                                         f"config.json): cat.png; name a new or empty folder "
+                                         f"for the run")
+  assert sorted(p.name for p in folder.iterdir()) == [".DS_Store", "cat.png"]
+
+
+def test_an_empty_data_folder_is_named_in_a_whole_sentence(tmp_path):
+  (tmp_path / "data").mkdir()
+  code, _, err = call("train-classifier", "--data", tmp_path / "data", "--workdir",
+                      tmp_path / "run")
+  assert code == 2 and error_of(err, "train-classifier").endswith(
+      f"{tmp_path / 'data'} holds no images laid out <split>/<class>/<image> (as "
+      f"train/cat/0001.png)")
+
+
+def test_a_text_file_named_npz_is_called_what_it_is(tmp_path):
+  text = tmp_path / "stats.npz"
+  text.write_text("mu sigma\n")
+  code, _, err = call("fid-stats", text, "--out", tmp_path / "out.npz")
+  line = error_of(err, "fid-stats")
+  assert code == 2 and f"FID source {text} is not an .npz: an .npz is a zip" in line
+  assert "pickle" not in line
+
+
+def test_fid_weights_are_installed_once_with_their_sha256_checked(fid_weights_path, tmp_path,
+                                                                  monkeypatch):
+  import hashlib
+  from cifarjax.errors import UserError
+  from cifarjax.fid import weights
+  monkeypatch.setenv("CIFARJAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.delenv("CIFARJAX_FID_WEIGHTS", raising=False)
+  with pytest.raises(FileNotFoundError, match="once with `cifarjax fid-weights install PATH`"):
+    weights.resolve_weights_path(download=False)  # the way in is named
+  digest = hashlib.sha256(fid_weights_path.read_bytes()).hexdigest()
+  not_fid = tmp_path / "other.npz"
+  np.savez(not_fid, a=np.zeros(3))
+  other = hashlib.sha256(not_fid.read_bytes()).hexdigest()
+  for path, flags, message in (
+      (fid_weights_path, (), f"has sha256 {digest}, not 6726825d...: that of pytorch-fid's"),
+      (fid_weights_path, ("--sha256", "0" * 16), f"has sha256 {digest}, not 0000000000000000"),
+      (fid_weights_path, ("--sha256", "f799"), "--sha256 wants 8 or more hex digits"),
+      (not_fid, ("--sha256", other), "is not pytorch-fid's FID Inception state dict")):
+    code, _, err = call("fid-weights", "install", path, *flags)
+    assert code == 2 and message in error_of(err, "fid-weights")
+    assert not weights.installed_dir().exists()
+  code, out, err = call("fid-weights", "install", fid_weights_path, "--sha256", digest[:12])
+  installed = weights.installed_dir() / "inception.npz"
+  assert code == 0 and out.startswith(f"installed {installed} (sha256 {digest})"), err
+  assert weights.resolve_weights_path() == installed  # what fid, fid-stats, eval-diffusion use
+  with open(installed, "r+b") as f:  # a copy changed since: refused, not used
+    f.seek(-1, 2)
+    last = f.read(1)
+    f.seek(-1, 2)
+    f.write(bytes([last[0] ^ 1]))
+  with pytest.raises(UserError, match="no longer have the sha256 they were installed with"):
+    weights.resolve_weights_path()
 
 
 # --- 11: readable outputs ---------------------------------------------------------------

@@ -148,3 +148,59 @@ def test_split_rejects_bad_images(images, match):
 def test_split_rejects_bad_labels():
   with pytest.raises(ValueError, match=r"lie in \[0, 2\)"):
     Split(images=np.zeros((2, 4, 4, 3), np.uint8), labels=np.array([0, 5]), class_names=("a", "b"))
+
+
+def test_an_image_source_is_decoded_once_until_it_changes(image_source, monkeypatch, tmp_path):
+  """The second load of a zip or folder (in a later command: the in-process cache cleared)
+  reads the decoded arrays back; a copy or a touch decodes nothing, an edit decodes again."""
+  import os
+  import shutil
+  from cifarjax import data as data_lib
+  from cifarjax.data import decode_cache, image_folder
+  monkeypatch.setenv("CIFARJAX_CACHE", str(tmp_path / "cache"))
+  path, _ = image_source
+  decoded = []
+  decode = image_folder.decode_image
+  monkeypatch.setattr(image_folder, "decode_image",
+                      lambda raw, name: decoded.append(name) or decode(raw, name))
+
+  def load(source):
+    data_lib._load_native.cache_clear()  # what a new process starts with
+    decoded.clear()
+    return load_split(str(source), "train")
+
+  first = load(path)
+  assert len(decoded) == 12
+  again = load(path)
+  assert decoded == []
+  for a, b in ((first.images, again.images), (first.labels, again.labels)):
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == b.dtype
+  assert again.class_names == first.class_names == ("airplane", "cat", "dog")
+  (cached,) = (tmp_path / "cache" / "decoded").iterdir()
+  assert cached == decode_cache.cache_file(path, "train")
+
+  if path.is_dir():
+    edited = next(path.rglob("*.png"))
+    later = edited.stat().st_mtime_ns + 10**9
+    os.utime(edited, ns=(later, later))  # a folder's key is its listing: mtimes count
+    load(path)
+    assert len(decoded) == 12
+  else:
+    os.utime(path, ns=(1, 10**18))  # a zip's key is its bytes: a touch alone is no change
+    copy = shutil.copy(path, tmp_path / "copy.zip")
+    load(copy)
+    assert decoded == []
+    with zipfile.ZipFile(path, "a") as zf:
+      zf.writestr("top/train/cat/9999.png", _png(np.zeros((32, 32, 3), np.uint8)))
+    assert len(load(path)) == 13 and len(decoded) == 13
+
+
+def test_a_cache_that_cannot_be_written_costs_only_time(image_source, monkeypatch, tmp_path):
+  from cifarjax import data as data_lib
+  blocked = tmp_path / "not-a-folder"
+  blocked.write_text("the cache folder's place is taken")
+  monkeypatch.setenv("CIFARJAX_CACHE", str(blocked))
+  data_lib._load_native.cache_clear()
+  path, _ = image_source
+  assert len(load_split(str(path), "train")) == 12

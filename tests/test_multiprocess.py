@@ -4,9 +4,11 @@ train the classifier and the generator like one process of 4 devices, checkpoint
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -38,8 +40,8 @@ def _env(devices_per_process: int, cache) -> dict:
           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
-def _launch(num_processes, devices_per_process, out, modes, cache):
-  """Starts the worker processes, waits for all, and fails with their logs if one fails."""
+def _start(num_processes, devices_per_process, out, modes, cache):
+  """Starts the worker processes: ([Popen], [their open log files])."""
   out.mkdir(parents=True, exist_ok=True)
   port, env = _free_port(), _env(devices_per_process, cache)
   if num_processes > 1:  # read by cifarjax.mesh.initialize_distributed, as the commands do
@@ -51,6 +53,11 @@ def _launch(num_processes, devices_per_process, out, modes, cache):
     procs.append(subprocess.Popen(
         [sys.executable, str(WORKER), *modes, "--out", str(out)],
         env={**env, "JAX_PROCESS_ID": str(i)}, stdout=log, stderr=subprocess.STDOUT))
+  return procs, logs
+
+
+def _wait(procs, logs, out):
+  """Waits for every worker, and fails with their logs if one fails."""
   try:
     codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
   finally:
@@ -65,6 +72,11 @@ def _launch(num_processes, devices_per_process, out, modes, cache):
     pytest.fail(f"multi-process worker failed:\n{text}")
 
 
+def _launch(num_processes, devices_per_process, out, modes, cache):
+  """Starts the worker processes and waits for all (see `_wait`)."""
+  _wait(*_start(num_processes, devices_per_process, out, modes, cache), out)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("multiprocess")
@@ -72,6 +84,30 @@ def runs(tmp_path_factory):
   _launch(1, 4, base / "one", ["step", "diffusion"], cache)
   _launch(2, 2, base / "two", ["step", "diffusion", "train"], cache)
   return base / "one", base / "two"
+
+
+def test_sigterm_to_one_process_stops_every_process_at_one_step_with_a_checkpoint(tmp_path):
+  """What a preempted host of a TPU slice (or a SLURM job at its time limit) gets: process
+  1 alone receives SIGTERM; JAX's preemption sync stops both at one step, where they save
+  one checkpoint together."""
+  cache = tmp_path.parent.parent / "jax-cache-multiprocess"
+  out = tmp_path / "preempt"
+  procs, logs = _start(2, 2, out, ["preempt"], cache)
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(runlog.read_metrics(out / "preempted")) < 3 and all(p.poll() is None for p in procs):
+      assert time.monotonic() < deadline, "the run never logged 3 steps"
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+  finally:
+    _wait(procs, logs, out)
+  records = [json.loads((out / f"preempt-{i}.json").read_text()) for i in (0, 1)]
+  step = records[0]["step"]
+  assert records == [{"step": step, "signum": signal.SIGTERM}] * 2
+  assert step >= 3
+  assert sorted(int(p.name) for p in (out / "preempted" / "checkpoints").iterdir()
+                if p.name.isdigit()) == [step]
+  assert runlog.read_metrics(out / "preempted")[-1]["step"] == step
 
 
 def test_two_processes_step_like_one_process(runs):

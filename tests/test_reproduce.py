@@ -19,9 +19,13 @@ def quick_env(tmp_path_factory):
 
 def test_quick_reproduction_writes_the_report(tmp_path, tmp_path_factory):
   out = tmp_path / "reproduce"
-  subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-                 env=quick_env(tmp_path_factory), check=True, timeout=600,
-                 stdout=subprocess.DEVNULL)
+  stderr = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+                          env=quick_env(tmp_path_factory), check=True, timeout=600,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True).stderr
+  # What it does is said as it goes (compiling and training take minutes).
+  for text in ("reproduce.py: loading synthetic", "reproduce.py: starting at step 0 of 4",
+               "reproduce.py: compiling the train step", "reproduce.py: sampling 20 images"):
+    assert text in stderr, text
   report = (out / "REPORT.md").read_text()
   for text in ("--quick", "## Classifier baseline (2 seeds)", "58.2% +- 2.7%",  # paper's numbers
                "## Regularisation ablations", "43.26%", "| aug-jitter |",

@@ -7,6 +7,7 @@ model at a size that compiles in seconds; one module-scoped run serves most test
 import dataclasses
 import functools
 import json
+import re
 
 import chex
 import jax
@@ -42,9 +43,33 @@ def run_dir(tmp_path_factory):
   return workdir, summary
 
 
+def test_the_training_graph_shows_every_logged_loss_in_plain_numbers(run_dir):
+  """training_graph.png (the name README gives) draws the train batch loss and both
+  evaluation losses; its y ticks read 0.05, 1.2, ..., not 1.24x10^0, over a narrow range
+  (a linear axis) and over decades (a log axis)."""
+  from cifarjax import plots
+  workdir, _ = run_dir
+  records = runlog.read_metrics(workdir)
+  assert {"loss", "eval_loss", "ema_loss"} <= {k for r in records for k in r}
+  wide = [{"step": s, "loss": 1.0 / s ** 2, "eval_loss": 1.1 / s ** 2} for s in range(1, 30)]
+  for records, scale in ((records, None), ([{"step": s, "loss": 1.2 + 0.001 * s}
+                                            for s in range(1, 9)], "linear"), (wide, "log")):
+    fig = plots.generator_figure(records)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels and all(re.fullmatch(r"[0-9.]+", label) for label in labels), labels
+    assert ax.yaxis.get_offset_text().get_text() == ""
+    assert scale is None or ax.get_yscale() == scale
+    keys = [k for k, _ in plots.GENERATOR_LOSSES if any(k in r for r in records)]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        dict(plots.GENERATOR_LOSSES)[k] for k in keys]
+  assert len(plots.GENERATOR_LOSSES) == 3 and (workdir / "training_graph.png").is_file()
+
+
 def test_run_outputs(run_dir):
   workdir, summary = run_dir
-  for name in ("config.json", "classes.json", "metrics.jsonl", "summary.json", "loss_curve.png"):
+  for name in ("config.json", "classes.json", "metrics.jsonl", "summary.json", "training_graph.png"):
     assert (workdir / name).is_file(), name
   assert config_lib.load_run_config(workdir, DiffusionConfig, "generator", "x") == \
       config_lib.validate(TINY)  # its entries' settings completed with their defaults

@@ -41,15 +41,15 @@ def registered_help(registry_name: str, about: str):
   return text
 
 
-def set_flag(parser):
-  """Adds --set FIELD=VALUE (repeatable): any field of the run's config."""
+def set_flag(parser, example: str):
+  """Adds --set FIELD=VALUE (repeatable): any field of the run's config; `example`, of this
+  command's fields, is shown (tests/test_examples.py runs it)."""
   parser.add_argument(
       "--set", action="append", default=[], metavar="FIELD=VALUE",
-      help="set any config field, e.g. --set learning_rate=0.001 --set augment.crop_prob=0.5 "
-           "(repeatable; applied after the preset and the flags above; the fields are the "
-           "config's in cifarjax/config.py), or one setting of a registry entry the config "
-           "names: model_kwargs.NAME=VALUE; for the generator unet_kwargs, schedule_kwargs "
-           "(--set schedule_kwargs.tau=0.9) and loss_weighting_kwargs")
+      help=f"set any config field, e.g. {example} (repeatable; applied after the preset and "
+           f"the flags above; the fields are the config's in cifarjax/config.py), or one "
+           f"setting of a registry entry the config names: model_kwargs.NAME=VALUE; for the "
+           f"generator unet_kwargs, schedule_kwargs and loss_weighting_kwargs")
 
 
 def config_from_args(presets: dict, args):

@@ -31,11 +31,12 @@ def register(subparsers):
                  help=f"default: {PAPER['checkpoint_every']}")
   p.add_argument("--log-every", type=int, help=f"default: {PAPER['log_every']}")
   p.add_argument("--steps-per-call", type=int, help="train steps fused into one jitted call "
-                 "(must divide the log, eval and checkpoint intervals; e.g. 50 on a GPU; default: 1)")
+                 "(must divide the log, eval and checkpoint intervals; e.g. --steps-per-call 50 "
+                 "on a GPU; default: 1)")
   p.add_argument("--workdir", default="runs/classifier",
                  help="where the run keeps its config, metrics, plots and checkpoints")
   p.add_argument("--seed", type=int, help=f"default: {PAPER['seed']}")
-  set_flag(p)
+  set_flag(p, "--set learning_rate=0.001 --set augment.crop_prob=0.5")
   distributed_flag(p)
   p.set_defaults(func=train)
 

@@ -47,11 +47,12 @@ def register(subparsers):
   p.add_argument("--checkpoint-every", type=int, help=f"default: {PAPER['checkpoint_every']}")
   p.add_argument("--log-every", type=int, help=f"default: {PAPER['log_every']}")
   p.add_argument("--steps-per-call", type=int, help="train steps fused into one jitted call "
-                 "(must divide the log, eval and checkpoint intervals; e.g. 50 on a GPU; default: 1)")
+                 "(must divide the log, eval and checkpoint intervals; e.g. --steps-per-call 50 "
+                 "on a GPU; default: 1)")
   p.add_argument("--workdir", default="runs/diffusion",
                  help="where the run keeps its config, metrics, plots and checkpoints")
   p.add_argument("--seed", type=int, help=f"default: {PAPER['seed']}")
-  set_flag(p)
+  set_flag(p, "--set learning_rate=0.001 --set schedule_kwargs.tau=0.9")
   distributed_flag(p)
   p.set_defaults(func=train)
 
@@ -112,8 +113,8 @@ def register(subparsers):
 def _sampler_args(p):
   p.add_argument("--sampler", default="ddpm", help=registered_help(
       "SAMPLERS", "ddpm: the paper's ancestral sampler, all T steps; ddim: deterministic "
-      "(or with --eta), --steps of them (e.g. 50: ~20x faster); dpm++2m: DPM-Solver++(2M), "
-      "deterministic and second order, --steps of them"))
+      "(or with --eta), --steps of them (e.g. --sampler ddim --steps 50: ~20x faster than "
+      "ddpm); dpm++2m: DPM-Solver++(2M), deterministic and second order, --steps of them"))
   p.add_argument("--steps", type=int, help="sampler steps (all but ddpm default: 50)")
   p.add_argument("--eta", type=float, default=0.0,
                  help="the sampler's noise, passed to it as given: DDIM's eta (0 "

@@ -1,4 +1,5 @@
-"""`cifarjax fid-stats` and `cifarjax fid`, shaped like `python -m pytorch_fid`."""
+"""`cifarjax fid-stats` and `cifarjax fid`, shaped like `python -m pytorch_fid`, and
+`cifarjax fid-weights install`."""
 
 import json
 
@@ -8,8 +9,9 @@ SOURCE_HELP = ("a dataset name (cifar100, cifar10, synthetic), a folder or .zip 
                "(searched recursively), an .npz with a uint8 'images' array, or a stats .npz "
                "(mu, sigma)")
 WEIGHTS_HELP = ("FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or an "
-                ".npz with its state-dict keys (default: $CIFARJAX_FID_WEIGHTS, else downloaded "
-                "once into $CIFARJAX_CACHE or ~/.cache/cifarjax)")
+                ".npz with its state-dict keys (default: $CIFARJAX_FID_WEIGHTS, else the copy "
+                "`cifarjax fid-weights install` made, else downloaded once into $CIFARJAX_CACHE "
+                "or ~/.cache/cifarjax)")
 
 
 def _common(p):
@@ -34,6 +36,20 @@ def register(subparsers):
   p.add_argument("--json", action="store_true", help="print one JSON line with key 'fid'")
   p.set_defaults(func=fid)
 
+  p = subparsers.add_parser("fid-weights", help="install the FID Inception weights once, where "
+                            "every command finds them")
+  actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+  p = actions.add_parser("install", help="check a weights file and copy it into the cache",
+                         description="Checks a weights file's sha256 and contents, and copies "
+                         "it into the cache folder ($CIFARJAX_CACHE or ~/.cache/cifarjax), "
+                         "where fid, fid-stats and eval-diffusion find it when neither "
+                         "--weights nor $CIFARJAX_FID_WEIGHTS names one.")
+  p.add_argument("path", metavar="PATH", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth, "
+                 "or an .npz with its state-dict keys")
+  p.add_argument("--sha256", help="the file's sha256 (8 or more hex digits of it), as its source "
+                 "gives it (default: pytorch-fid's release file's, 6726825d)")
+  p.set_defaults(func=install_weights)
+
 
 def fid_stats(args):
   from cifarjax import mesh as mesh_lib
@@ -44,6 +60,13 @@ def fid_stats(args):
                                 batch_size=args.batch_size, progress=not args.no_progress)
   save_stats(args.out, mu, sigma)
   print(f"wrote {args.out}: mu {mu.shape}, sigma {sigma.shape}")
+
+
+def install_weights(args):
+  from cifarjax.fid import weights
+  installed = weights.install_weights(args.path, args.sha256)
+  print(f"installed {installed} (sha256 {weights.file_sha256(installed)}): fid, fid-stats and "
+        f"eval-diffusion use it where neither --weights nor ${weights.WEIGHTS_ENV} names another")
 
 
 def fid(args):

@@ -111,6 +111,9 @@ def _load_split(source, split, holdout, data_dir, image_size) -> Split:
     train = _checked(_load_native(source, path, "train", data_dir), source, "train", image_size)
     keep, held = holdout_indices(len(train), holdout)
     return train.take(held if split in EVAL_SPLITS else keep)
+  if not available:
+    raise UserError(f"{source} holds no images laid out <split>/<class>/<image> (as "
+                    f"train/cat/0001.png)")
   if split not in available:
     raise UserError(f"{source} has no split {split!r}; it has {', '.join(available)}")
   return _checked(_load_native(source, path, split, data_dir), source, split, image_size)

@@ -7,9 +7,11 @@ import zlib
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
+from cifarjax.data import decode_cache
 from cifarjax.data.split import Split
-from cifarjax.errors import UserError, clean_message
+from cifarjax.errors import UserError, clean_message, main_process, note
 
 IMAGE_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -58,6 +60,26 @@ def decode_image(raw: bytes, name: str) -> np.ndarray:
     raise UserError(f"cannot decode image {name}: {clean_message(e)}") from e
 
 
+def decode_members(path: pathlib.Path, members) -> list[np.ndarray]:
+  """uint8 (H, W, 3) of each member (a path inside the zip or folder `path`), with a
+  progress bar; a UserError naming the member that cannot be read or decoded."""
+  zf = _open_zip(path) if not path.is_dir() else None
+  try:
+    images = []
+    for member in tqdm(members, desc=f"decoding {path.name}", unit="img",
+                       disable=not main_process()):
+      try:
+        raw = zf.read(member) if zf else (path / member).read_bytes()
+      except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise UserError(f"cannot read {member} from {path} (truncated or corrupt zip?): "
+                        f"{clean_message(e)}") from e
+      images.append(decode_image(raw, f"{path}/{member}"))
+    return images
+  finally:
+    if zf:
+      zf.close()
+
+
 def image_folder_splits(path) -> tuple[str, ...]:
   """The split names a folder tree or zip holds."""
   path = pathlib.Path(path)
@@ -66,13 +88,18 @@ def image_folder_splits(path) -> tuple[str, ...]:
 
 
 def load_image_folder(path, split: str) -> Split:
-  """Reads every image of `split`; classes are the sorted folder names."""
+  """Every image of `split`; classes are the sorted folder names. Decoded once per machine
+  (`decode_cache`): later loads of the same zip or folder read the decoded arrays back."""
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"image folder or zip {path} does not exist")
-  is_zip = path.suffix == ".zip"
-  names = _list_zip(path) if is_zip else _list_dir(path)
-  tree = _index(names)
+  arrays = decode_cache.cached(path, split, lambda: _decode_split(path, split))
+  return Split(images=arrays["images"], labels=arrays["labels"],
+               class_names=tuple(arrays["class_names"].tolist()))
+
+
+def _decode_split(path: pathlib.Path, split: str) -> dict[str, np.ndarray]:
+  tree = _index(_list_zip(path) if path.suffix == ".zip" else _list_dir(path))
   if split not in tree:
     raise UserError(
         f"{path} has no split {split!r}: expected <split>/<class>/<image> with split in "
@@ -80,19 +107,8 @@ def load_image_folder(path, split: str) -> Split:
   class_names = tuple(sorted(tree[split]))
   members = [(m, label) for label, c in enumerate(class_names) for m in sorted(tree[split][c])]
 
-  zf = _open_zip(path) if is_zip else None
-  try:
-    images = []
-    for member, _ in members:
-      try:
-        raw = zf.read(member) if zf else (path / member).read_bytes()
-      except (zipfile.BadZipFile, EOFError, zlib.error) as e:
-        raise UserError(f"cannot read {member} from {path} (truncated or corrupt zip?): "
-                        f"{clean_message(e)}") from e
-      images.append(decode_image(raw, f"{path}/{member}"))
-  finally:
-    if zf:
-      zf.close()
+  note(f"decoding the {len(members):,} images of {path} ({split}); once: they are cached")
+  images = decode_members(path, [m for m, _ in members])
   shapes = {im.shape for im in images}
   if len(shapes) != 1:
     first = next(m for (m, _), im in zip(members, images) if im.shape != images[0].shape)
@@ -101,6 +117,6 @@ def load_image_folder(path, split: str) -> Split:
     raise UserError(
         f"images in {path} differ in size: {members[0][0]} is {size(images[0])}, "
         f"{first} is {size(odd)}; resize them to one size (32x32) first")
-  return Split(images=np.stack(images).astype(np.uint8),
-               labels=np.array([label for _, label in members], np.int32),
-               class_names=class_names)
+  return {"images": np.stack(images).astype(np.uint8),
+          "labels": np.array([label for _, label in members], np.int32),
+          "class_names": np.array(class_names)}

@@ -13,14 +13,13 @@ import hashlib
 import json
 import pathlib
 import zipfile
-import zlib
 
 import numpy as np
 
 from cifarjax import cache
-from cifarjax.data import DATASET_NAMES, is_cifar_archive
-from cifarjax.data.image_folder import IMAGE_SUFFIXES, decode_image
-from cifarjax.errors import UserError, UserFileNotFoundError, clean_message, note
+from cifarjax.data import DATASET_NAMES, decode_cache, is_cifar_archive
+from cifarjax.data.image_folder import IMAGE_SUFFIXES, decode_members
+from cifarjax.errors import UserError, UserFileNotFoundError, clean_message, note, writing
 from cifarjax.fid import features as features_lib
 from cifarjax.fid import stats as stats_lib
 from cifarjax.fid import weights as weights_lib
@@ -37,28 +36,33 @@ def _stack(images, names, where) -> np.ndarray:
 
 
 def read_images(path) -> np.ndarray:
-  """uint8 (N, H, W, 3) of every image in a folder or .zip, recursively, sorted by path."""
+  """uint8 (N, H, W, 3) of every image in a folder or .zip, recursively, sorted by path;
+  decoded once per machine (`decode_cache`)."""
   path = pathlib.Path(path)
   if not path.exists():
     raise UserFileNotFoundError(f"no such folder or zip of images: {path}")
+  if not path.is_dir() and not zipfile.is_zipfile(path):
+    if path.suffix.lower() == ".zip":
+      raise UserError(f"{path} is not a readable zip archive (truncated or corrupt?)")
+    raise UserError(f"{path} is neither a folder nor a .zip of images")
+  return decode_cache.cached(path, "all-images", lambda: {"images": _decode_all(path)})["images"]
+
+
+def _decode_all(path: pathlib.Path) -> np.ndarray:
   if path.is_dir():
-    files = sorted(p for p in path.rglob("*")
+    names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    names = [p.relative_to(path).as_posix() for p in files]
-    return _stack([decode_image(p.read_bytes(), str(p)) for p in files], names, path)
-  if zipfile.is_zipfile(path):
+  else:
     try:
       with zipfile.ZipFile(path) as zf:
         names = sorted(n for n in zf.namelist()
                        if not n.endswith("/") and pathlib.PurePosixPath(n).suffix.lower()
                        in IMAGE_SUFFIXES)
-        return _stack([decode_image(zf.read(n), f"{path}:{n}") for n in names], names, path)
-    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+    except (zipfile.BadZipFile, EOFError) as e:
       raise UserError(f"{path} is not a readable zip archive (truncated or corrupt?): "
                       f"{clean_message(e)}") from e
-  if path.suffix.lower() == ".zip":
-    raise UserError(f"{path} is not a readable zip archive (truncated or corrupt?)")
-  raise UserError(f"{path} is neither a folder nor a .zip of images")
+  note(f"decoding the {len(names):,} images of {path}; once: they are cached")
+  return _stack(decode_members(path, names), names, path)
 
 
 def load_source(source, split: str = "train"):
@@ -102,6 +106,15 @@ def as_variables(weights):
   return weights_lib.load_inception_params(weights)
 
 
+def _checked(loaded, source):
+  """A loaded source, refused (before any features are computed) where it holds fewer
+  images than a covariance needs."""
+  kind, value = loaded
+  if kind == "images" and len(value) < 2:
+    raise UserError(f"FID needs at least 2 images; {source} holds {len(value)}")
+  return loaded
+
+
 def _stats(loaded, variables_box, weights, batch_size, mesh, progress):
   kind, value = loaded
   if kind == "stats":
@@ -114,28 +127,30 @@ def _stats(loaded, variables_box, weights, batch_size, mesh, progress):
 def stats_from_source(source, split: str = "train", weights=None,
                       batch_size=features_lib.DEFAULT_BATCH_SIZE, mesh=None, progress=True):
   """(mu, sigma) of a source (see the module docstring); `weights` as in `as_variables`."""
-  return _stats(load_source(source, split), [], weights, batch_size, mesh, progress)
+  loaded = _checked(load_source(source, split), source)
+  return _stats(loaded, [], weights, batch_size, mesh, progress)
 
 
 def fid_from_sources(source_a, source_b, split: str = "train", weights=None,
                      batch_size=features_lib.DEFAULT_BATCH_SIZE, mesh=None,
                      progress=True) -> float:
   """FID between two sources (image sets or stats files), as `python -m pytorch_fid A B`."""
+  a, b = (_checked(load_source(s, split), s) for s in (source_a, source_b))
   box = []
-  mu1, sigma1 = _stats(load_source(source_a, split), box, weights, batch_size, mesh, progress)
-  mu2, sigma2 = _stats(load_source(source_b, split), box, weights, batch_size, mesh, progress)
+  mu1, sigma1 = _stats(a, box, weights, batch_size, mesh, progress)
+  mu2, sigma2 = _stats(b, box, weights, batch_size, mesh, progress)
   return stats_lib.frechet_distance(mu1, sigma1, mu2, sigma2)
 
 
 def compute_fid(images, reference, weights=None, batch_size=features_lib.DEFAULT_BATCH_SIZE,
                 mesh=None, progress=True) -> float:
   """FID of uint8 NHWC `images` against `reference`: images, (mu, sigma), or a source string."""
+  mine = _checked(("images", images), "the images given")
+  ref = (("stats", reference) if isinstance(reference, tuple)
+         else _checked(load_source(reference), reference))
   box = []
-  mu1, sigma1 = _stats(("images", images), box, weights, batch_size, mesh, progress)
-  if isinstance(reference, tuple):
-    mu2, sigma2 = reference
-  else:
-    mu2, sigma2 = _stats(load_source(reference), box, weights, batch_size, mesh, progress)
+  mu1, sigma1 = _stats(mine, box, weights, batch_size, mesh, progress)
+  mu2, sigma2 = _stats(ref, box, weights, batch_size, mesh, progress)
   return stats_lib.frechet_distance(mu1, sigma1, mu2, sigma2)
 
 
@@ -216,7 +231,11 @@ def training_reference_stats(data: str, holdout: int, weights=None,
 def save_stats(path, mu, sigma):
   """Writes `mu` and `sigma` to an .npz (atomically: concurrent readers see whole files)."""
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".part.npz")
-  np.savez(tmp, mu=mu, sigma=sigma)
-  tmp.replace(path)
+  try:
+    with writing(path):
+      path.parent.mkdir(parents=True, exist_ok=True)
+      np.savez(tmp, mu=mu, sigma=sigma)
+      tmp.replace(path)
+  finally:
+    tmp.unlink(missing_ok=True)

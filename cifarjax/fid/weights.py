@@ -3,14 +3,16 @@
 Accepted files hold pytorch-fid's state dict (`Mixed_5b.branch1x1.conv.weight`,
 ...): an `.npz` of those arrays, or pytorch-fid's release file
 `pt_inception-2015-12-05-6726825d.pth` (read without torch, see torch_file.py).
-Where no file is named, `CIFARJAX_FID_WEIGHTS` names one; failing that, the
-release file is downloaded once into the cache directory.
+Where no file is named, `CIFARJAX_FID_WEIGHTS` names one; failing that, the copy
+that `install_weights` (`cifarjax fid-weights install PATH`) put in the cache directory
+is used, or else the release file is downloaded once into it.
 """
 
 import functools
 import os
 import pathlib
 import pickle
+import shutil
 import struct
 import zipfile
 import zlib
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cifarjax import cache
-from cifarjax.errors import UserError, UserFileNotFoundError, clean_message
+from cifarjax.errors import UserError, UserFileNotFoundError, clean_message, writing
 
 WEIGHTS_ENV = "CIFARJAX_FID_WEIGHTS"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -46,8 +48,9 @@ _FLAX_TO_TORCH = {v: k for k, v in _TORCH_TO_FLAX.items()}
 
 
 def _offline_hint():
-  return (f"pass --weights PATH (weights=PATH in Python) or set {WEIGHTS_ENV} to a local copy of "
-          f"{WEIGHTS_FILENAME} or of an .npz with pytorch-fid's state-dict keys")
+  return (f"install a local copy of {WEIGHTS_FILENAME} (or of an .npz with pytorch-fid's "
+          f"state-dict keys) once with `cifarjax fid-weights install PATH`, or name it with "
+          f"--weights PATH (weights=PATH in Python) or {WEIGHTS_ENV}")
 
 
 def file_sha256(path) -> str:
@@ -64,8 +67,62 @@ def download_weights(dest_dir=None, url=None) -> pathlib.Path:
     raise cache.DownloadError(f"no FID Inception weights: {e}") from e
 
 
+def installed_dir() -> pathlib.Path:
+  """Where `install_weights` puts the weights (with their sha256 beside them)."""
+  return cache.cache_dir() / "fid-weights"
+
+
+def _installed() -> pathlib.Path | None:
+  """The installed weights, checked against the sha256 recorded when they were installed."""
+  folder = installed_dir()
+  files = sorted(folder.glob("inception.*")) if folder.is_dir() else []
+  if not files:
+    return None
+  path = files[0]
+  recorded = (folder / "sha256").read_text().strip() if (folder / "sha256").is_file() else None
+  if recorded != file_sha256(path):
+    raise UserError(f"the installed FID weights {path} no longer have the sha256 they were "
+                    f"installed with; install them again (`cifarjax fid-weights install PATH`)")
+  return path
+
+
+def install_weights(path, sha256: str | None = None) -> pathlib.Path:
+  """Copies a weights file to `installed_dir()`, where every command finds it, once its
+  sha256 starts with `sha256` (8 hex digits or more; default pytorch-fid's release
+  file's, WEIGHTS_SHA256_PREFIX) and it holds FIDInception's state dict. Returns the
+  installed copy; a refused file leaves nothing."""
+  path = pathlib.Path(path).expanduser()
+  if not path.is_file():
+    raise UserFileNotFoundError(f"no such FID weights file: {path}")
+  expected = (sha256 or WEIGHTS_SHA256_PREFIX).lower()
+  if len(expected) < 8 or any(c not in "0123456789abcdef" for c in expected):
+    raise UserError(f"--sha256 wants 8 or more hex digits of the file's sha256, got {sha256!r}")
+  digest = file_sha256(path)
+  if not digest.startswith(expected):
+    other = ("" if sha256 else f": that of pytorch-fid's {WEIGHTS_FILENAME}. For another file "
+             f"of its state dict, pass the sha256 its source gives with --sha256")
+    raise UserError(f"{path} has sha256 {digest}, not {expected}...{other}")
+  variables_from_state_dict(read_state_dict(path), source=str(path))
+  folder = installed_dir()
+  suffix = ".npz" if path.suffix == ".npz" else ".pth"  # read_state_dict goes by the suffix
+  target = folder / f"inception{suffix}"
+  with writing(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{target.name}.part"
+    try:
+      shutil.copyfile(path, tmp)
+      for old in folder.glob("inception.*"):
+        old.unlink()
+      (folder / "sha256").write_text(digest + "\n")
+      os.replace(tmp, target)
+    finally:
+      tmp.unlink(missing_ok=True)
+  return target
+
+
 def resolve_weights_path(path=None, download: bool = True) -> pathlib.Path:
-  """The weights file to use: `path`, else $CIFARJAX_FID_WEIGHTS, else the cached download."""
+  """The weights file to use: `path`, else $CIFARJAX_FID_WEIGHTS, else the installed copy
+  (`install_weights`), else the cached download (made now where there is none)."""
   if path is not None:
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
@@ -80,6 +137,9 @@ def resolve_weights_path(path=None, download: bool = True) -> pathlib.Path:
           f"{WEIGHTS_FILENAME} or of an .npz with pytorch-fid's state-dict keys, or unset it to "
           f"download {WEIGHTS_URL}")
     return path
+  installed = _installed()
+  if installed is not None:
+    return installed
   cached = cache.cache_dir() / WEIGHTS_FILENAME
   if cached.is_file():
     if not file_sha256(cached).startswith(WEIGHTS_SHA256_PREFIX):
@@ -93,6 +153,10 @@ def resolve_weights_path(path=None, download: bool = True) -> pathlib.Path:
 def load_npz(path, what: str) -> dict[str, np.ndarray]:
   """Every array of an .npz (no pickles); a UserError naming `what` and the file where it
   is truncated, corrupt or not an .npz."""
+  with open(path, "rb") as f:
+    if f.read(2) != b"PK":  # numpy would take it for a pickle and say so
+      raise UserError(f"{what} {path} is not an .npz: an .npz is a zip of numpy arrays, and "
+                      f"this file does not start as a zip does")
   try:
     with np.load(path, allow_pickle=False) as npz:
       return {k: npz[k] for k in npz.files}
