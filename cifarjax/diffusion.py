@@ -197,11 +197,6 @@ def q_sample(schedule: Schedule, x0, t, noise):
           + _at(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
 
 
-def diffusion_loss(eps_pred, noise):
-  """DDPM's simplified objective: mean squared error between predicted and true noise."""
-  return jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - noise))
-
-
 def snr(schedule: Schedule, t):
   """The signal-to-noise ratio alpha_t^2 / sigma_t^2 = alphabar_t / (1 - alphabar_t), t >= 0."""
   return jnp.square(schedule.sqrt_alphas_cumprod[t] / schedule.sqrt_one_minus_alphas_cumprod[t])
