@@ -31,9 +31,6 @@ COLUMNS = (("benchmark", "benchmark", "{}"), ("batch", "batch_size", "{}"),
            ("GFLOP/step", "flops", lambda v: f"{v / 1e9:.3g}"), ("step ms", "step_ms", "{:.1f}"),
            ("compile s", "compile_s", "{:.1f}"), ("peak MiB", "peak_device_mib", "{:.0f}"),
            ("devices", "devices", "{}"))
-# Every row's keys (the FID row adds the weights it used).
-KEYS = ("benchmark", "batch_size", "images_per_s", "tflops", "flops", "step_ms", "compile_s",
-        "peak_device_mib", "devices", "device_count", "device_kind", "backend")
 _LOOP_BODY = re.compile(r"\bwhile\(.*?\bbody=%?([\w.-]+)")
 _CALLED = re.compile(r"\b(?:calls|body|condition|to_apply|branch_computations)=\{?%?([\w.-]+)")
 _MATRIX_WORK = re.compile(r"\b(?:convolution|dot)\(")

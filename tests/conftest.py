@@ -57,23 +57,30 @@ def fake_inception(monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def fresh_registries(monkeypatch, tmp_path_factory):
+def fresh_registries(tmp_path_factory):
   """Every registry as it is when the test starts, and again after it. Its value, called
   with module names, does it again and forgets those modules, as a fresh process would
   have neither the entries they registered nor them. Modules that tests wrote (in their
   temporary folders) are forgotten after the test, so that the next can reuse the names."""
   import sys
-  from cifarjax import diffusion, models, plugins
+  from cifarjax import plugins
   originals = {name: dict(entries) for name, entries in plugins.registries().items()}
 
+  def restore():
+    # In place, not a new dict: the modules that look entries up (diffusion.samplers, ...)
+    # hold the dict itself, which the package only re-exports.
+    for name, entries in plugins.registries().items():
+      entries.clear()
+      entries.update(originals[name])
+
   def fresh(*modules):
-    for name, entries in originals.items():
-      monkeypatch.setattr(models if hasattr(models, name) else diffusion, name, dict(entries))
+    restore()
     for module in modules:
       sys.modules.pop(module, None)
 
   fresh()
   yield fresh
+  restore()
   written_by_tests = str(tmp_path_factory.getbasetemp())
   for name, module in list(sys.modules.items()):
     if str(getattr(module, "__file__", None) or "").startswith(written_by_tests):

@@ -113,7 +113,7 @@ def test_bench_classifier_row(capsys, monkeypatch):
   assert notes[0] == "cifarjax bench: compiling the classifier's train step (seconds to minutes)"
   assert notes[1].startswith("cifarjax bench: compiled in ")
   assert notes[1].endswith(" s; timing 3 calls of the classifier's train step")
-  assert set(bench.KEYS) <= set(row)
+  assert {key for _, key, _ in bench.COLUMNS} <= set(row)  # a value for every column
   assert row["benchmark"] == "classifier train step"
   assert row["batch_size"] == 8
   assert len(executables) == 1

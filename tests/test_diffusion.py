@@ -156,10 +156,20 @@ def test_q_sample_statistics(sigmoid):
   np.testing.assert_allclose(x_t.var(axis=1), 1 - a, rtol=0.02, atol=1e-4)
 
 
-def test_diffusion_loss():
-  eps = jnp.array([[1.0, 2.0], [3.0, 4.0]])
-  assert diffusion.diffusion_loss(eps, eps) == 0
-  np.testing.assert_allclose(diffusion.diffusion_loss(eps, jnp.zeros_like(eps)), 7.5)
+def test_training_loss_is_the_mean_squared_error_over_examples_and_pixels(sigmoid):
+  """From clean images x0 = 0, x_t = sigma_t eps: a model returning x_t / sigma_t + offset
+  errs by the offset alone (up to rounding), so the unweighted eps loss is mean(offset^2)."""
+  x0 = jnp.zeros((2, 2, 1, 1))
+  labels = jnp.zeros((2,), jnp.int32)
+  offset = jnp.array([1.0, 2.0, 3.0, 4.0]).reshape(x0.shape)
+
+  def model_fn(x, t, y, offset):
+    return x / sigmoid.sqrt_one_minus_alphas_cumprod[t][:, None, None, None] + offset
+
+  loss = lambda offset: diffusion.training_loss(functools.partial(model_fn, offset=offset),
+                                                sigmoid, x0, labels, jax.random.PRNGKey(3))
+  np.testing.assert_allclose(loss(jnp.zeros_like(offset)), 0.0, atol=1e-10)
+  np.testing.assert_allclose(loss(offset), 7.5, rtol=1e-5)
 
 
 # The training objective: predictions and loss weightings.
@@ -196,8 +206,8 @@ def test_default_loss_is_ddpm_simplified_objective(sigmoid):
     t_key, noise_key = jax.random.split(key)
     t = jax.random.randint(t_key, (8,), 0, T)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-    return diffusion.diffusion_loss(model_fn(diffusion.q_sample(sigmoid, x0, t, noise), t, labels),
-                                    noise)
+    eps_pred = model_fn(diffusion.q_sample(sigmoid, x0, t, noise), t, labels)
+    return jnp.mean(jnp.square(eps_pred.astype(jnp.float32) - noise))
 
   loss = jax.jit(lambda x0: diffusion.training_loss(model_fn, sigmoid, x0, labels, key))(x0)
   assert loss == by_hand(x0)

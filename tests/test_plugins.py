@@ -410,7 +410,7 @@ def test_a_run_records_its_entries_and_later_commands_import_them(narrow_run, fo
   assert saved["registry"]["unet"] == {
       "name": "narrow", "module": "my_unets",
       "source_sha256": registry.fingerprint(sys.modules["my_unets"].narrow_unet)}
-  assert saved["registry"]["schedule"]["module"] == "cifarjax.diffusion"
+  assert saved["registry"]["schedule"]["module"] == "cifarjax.diffusion.schedules"
 
   fresh_registries("my_unets")  # a fresh shell: only config.json names my_unets
   code, out, err = sample_from(narrow_run)

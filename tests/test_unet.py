@@ -135,15 +135,15 @@ def test_examples_do_not_interact(tiny):
 def test_tiny_unet_overfits_a_small_batch(tiny):
   model, params, _ = tiny
   schedule = diffusion.linear_schedule(NUM_TIMESTEPS)
-  x0, t, labels = inputs(4, size=8)
+  x0, _, labels = inputs(4, size=8)
   x0 = jnp.tanh(x0)
-  noise = jnp.asarray(np.random.default_rng(1).normal(size=x0.shape), jnp.float32)
-  x_t = diffusion.q_sample(schedule, x0, t, noise)
+  key = jax.random.PRNGKey(1)  # the same timesteps and noise at every step
   # One flat parameter vector: one update kernel to compile instead of one per leaf.
   optimizer = optax.flatten(optax.adam(1e-2))
 
   def loss_fn(params):
-    return diffusion.diffusion_loss(model.apply(params, x_t, t, labels), noise)
+    return diffusion.training_loss(lambda x, t, y: model.apply(params, x, t, y), schedule, x0,
+                                   labels, key)
 
   @jax.jit
   def train_step(params, opt_state):
