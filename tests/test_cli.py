@@ -13,6 +13,7 @@ import io
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +24,8 @@ import pytest
 from PIL import Image
 
 from cifarjax import checkpoint, cli, config as config_lib, runlog
-from cifarjax.config import ClassifierConfig, DiffusionConfig
+from cifarjax.config import (CLASSIFIER_PRESETS, DIFFUSION_PRESETS, ClassifierConfig,
+                             DiffusionConfig)
 
 
 def call(*argv):
@@ -189,6 +191,20 @@ def test_5_relative_data_is_saved_absolute_and_evaluates_from_elsewhere(classifi
   assert code == 0, err
   result = json.loads(out)
   assert result["num_examples"] == 10 and result["step"] == 3  # the held-out slice
+
+
+def test_eval_classifier_picks_the_weights_with_weights_from_and_the_old_name(classifier_run,
+                                                                             capsys):
+  workdir = classifier_run["workdir"]
+  code, out, err = call("eval-classifier", "--workdir", workdir, "--weights-from", "raw", "--json")
+  assert code == 0 and json.loads(out)["weights"] == "raw" and "warning" not in err, err
+  code, old_out, err = call("eval-classifier", "--workdir", workdir, "--weights", "raw", "--json")
+  assert code == 0 and json.loads(old_out) == json.loads(out)
+  assert "cifarjax eval-classifier: warning: --weights is now --weights-from" in err
+  with pytest.raises(SystemExit) as info:
+    cli.main(["eval-classifier", "--workdir", str(workdir), "--weights-from", "best"])
+  assert info.value.code == 2
+  assert "argument --weights-from: invalid choice: 'best'" in capsys.readouterr().err
 
 
 # --- 6: eval-diffusion's reference ------------------------------------------------------
@@ -569,10 +585,18 @@ def test_11_help_shows_defaults_and_there_is_a_version(capsys):
   text = " ".join(capsys.readouterr().out.split())
   assert "images per compiled batch (default: 256)" in text
   assert "(default: ddpm)" in text
-  # --help's paper defaults are the configs' own.
-  for presets, table in ((ClassifierConfig(), classifier.PAPER),
-                         (DiffusionConfig(), diffusion.PAPER)):
-    assert {k: getattr(presets, k) for k in table} == table
+  # The trainers' flags are made from their config fields: each shows the presets' values.
+  for command, presets, flags in (("train-classifier", CLASSIFIER_PRESETS, classifier.TRAIN_FLAGS),
+                                  ("train-diffusion", DIFFUSION_PRESETS, diffusion.TRAIN_FLAGS)):
+    with pytest.raises(SystemExit):
+      cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for field in flags:
+      flag = "--" + field.replace("_", "-")
+      assert re.search(f"{flag} [A-Z_{{}},+a-z]+ .*?default: {getattr(presets['paper'], field)}",
+                       text), (command, flag)
+  assert "--batch-size BATCH_SIZE default: 256; linear-schedule: 128" in text
+  assert "(default: 0.0; improved: 0.1)" in text  # --label-dropout
 
 
 # --- Every config field from the command line, and registered models by name ------------
