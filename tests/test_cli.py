@@ -9,6 +9,7 @@ in fast fakes for the Inception features, so the file needs no weights.
 """
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -679,18 +680,22 @@ glibc_only = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0
 
 
 def env_with_malloc_settings(settings: dict) -> dict:
-  """This process's environment with its malloc settings replaced by `settings`."""
-  base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CIFARJAX_HUGE_PAGES")}
-  return {**base, **settings}
+  """This process's environment with its malloc settings replaced by `settings`, JAX on
+  the CPU unless `settings` name other platforms."""
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("GLIBC_TUNABLES", "CIFARJAX_HUGE_PAGES", "JAX_PLATFORM_NAME")}
+  return {**base, "JAX_PLATFORMS": "cpu", **settings}
 
 
 @glibc_only
 @pytest.mark.parametrize("env,want", [({}, cli.MALLOC_TUNABLES),
                                       ({"CIFARJAX_HUGE_PAGES": "0"}, "None"),
                                       ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
-                                       "glibc.malloc.arena_max=2")])
+                                       "glibc.malloc.arena_max=2"),
+                                      ({"JAX_PLATFORMS": "cuda,cpu"}, "None")])
 def test_processes_restart_once_with_huge_pages_unless_told_otherwise(tmp_path, env, want):
-  """What `cifarjax` and every experiment script's main() do first (a 25% faster CPU step)."""
+  """What `cifarjax` and every experiment script's main() do first where JAX runs on the
+  CPU: its step's buffers then come from glibc's malloc."""
   script = tmp_path / "probe.py"
   script.write_text("import os, sys\nfrom cifarjax import cli\n"
                     "print('start', flush=True)\ncli.reexec_with_huge_pages(sys.argv)\n"
@@ -704,8 +709,8 @@ def test_processes_restart_once_with_huge_pages_unless_told_otherwise(tmp_path, 
 @glibc_only
 @pytest.mark.parametrize("huge_pages", ["1", "0"])
 def test_a_restarted_process_reuses_its_call_buffers(tmp_path, huge_pages):
-  """A call's 128 MiB of buffers is faulted in once, not on every call (~13% of the
-  classifier step's CPU time went to zeroing fresh pages). A fresh mapping of it costs at
+  """A call's 128 MiB of buffers is faulted in once, not on every call (zeroing fresh
+  pages is CPU time every step would pay). A fresh mapping of it costs at
   least one page fault per 2 MiB (x86's largest page for it); reused, none, and the rest of
   a call a few (up to 9 beside the suite's other workers)."""
   script = tmp_path / "calls.py"
@@ -730,3 +735,35 @@ def test_a_restarted_process_reuses_its_call_buffers(tmp_path, huge_pages):
     assert faults_per_call < fresh_mapping_faults / 2
   else:
     assert faults_per_call >= fresh_mapping_faults
+
+
+@pytest.mark.parametrize("environ,plugins,cpu", [
+    ({}, [], True),
+    ({}, ["xla_cuda12"], False),
+    ({}, ["libtpu"], False),
+    ({"JAX_PLATFORMS": "cpu"}, ["xla_cuda12"], True),
+    ({"JAX_PLATFORMS": "cuda,cpu"}, [], False),
+    ({"JAX_PLATFORMS": "tpu"}, [], False),
+    ({"JAX_PLATFORMS": ""}, ["xla_cuda12"], False),
+    ({"JAX_PLATFORM_NAME": "CPU"}, ["libtpu"], True),
+])
+def test_the_malloc_restart_is_for_processes_whose_jax_runs_on_the_cpu(environ, plugins, cpu):
+  """JAX_PLATFORMS decides where set (its first platform); else an installed GPU or TPU
+  runtime means JAX will run there, and the host's malloc holds no step buffers."""
+  assert cli.cpu_backend_expected(environ, lambda: plugins) is cpu
+
+
+def test_installed_accelerator_runtimes_are_found_without_importing_jax(tmp_path, monkeypatch):
+  for name in ("jax_plugins", "libtpu"):
+    monkeypatch.delitem(sys.modules, name, raising=False)
+  before = set(cli.accelerator_plugins())
+  (tmp_path / "jax_plugins" / "xla_fake_gpu").mkdir(parents=True)
+  (tmp_path / "jax_plugins" / "xla_fake_gpu" / "__init__.py").write_text("")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert set(cli.accelerator_plugins()) == before | {"xla_fake_gpu"}
+  assert cli.cpu_backend_expected({}) is False
+  (tmp_path / "libtpu").mkdir()
+  (tmp_path / "libtpu" / "__init__.py").write_text("")
+  importlib.invalidate_caches()
+  assert "libtpu" in cli.accelerator_plugins()
+  assert "jax_plugins.xla_fake_gpu" not in sys.modules and "libtpu" not in sys.modules
