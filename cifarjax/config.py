@@ -233,7 +233,8 @@ class DiffusionConfig:
   batch_size: int = _field(256, range=POSITIVE)
   learning_rate: float = _field(0.003, "Adam's", range=_LEARNING_RATE)
   lr_decay: float = _field(0.995, range=_LR_DECAY)
-  schedule: str = _field("sigmoid", "the noise schedule, a name in diffusion.SCHEDULES",
+  schedule: str = _field("sigmoid", "the noise schedule, a name in diffusion.SCHEDULES: "
+                         "sigmoid (the paper's), linear (DDPM's), sigmoid-blog, ...",
                          entry=EntryField("SCHEDULES", "schedule", "schedule_kwargs"))
   schedule_kwargs: dict = _field({})
   num_timesteps: int = _field(1000, range=Range(2))

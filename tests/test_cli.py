@@ -194,6 +194,17 @@ def test_5_relative_data_is_saved_absolute_and_evaluates_from_elsewhere(classifi
   assert result["num_examples"] == 10 and result["step"] == 3  # the held-out slice
 
 
+def test_a_resume_with_other_settings_names_their_flags(classifier_run, monkeypatch):
+  """The trainer's refusal names config fields; the command line words them as its flags."""
+  monkeypatch.chdir(classifier_run["root"])
+  code, out, err = call("train-classifier", "--data", "data.zip", *TRAIN, "--batch-size", 4,
+                        "--set", "dropout=0.1", "--workdir", "run")
+  assert code == 2 and out == ""
+  assert error_of(err, "train-classifier").endswith(
+      "(batch_size, dropout differ: --batch-size: 8 there, 4 now; config field dropout: 0.0 "
+      "there, 0.1 now); use another --workdir, or the same settings to resume")
+
+
 def test_eval_classifier_picks_the_weights_with_weights_from_and_the_old_name(classifier_run,
                                                                              capsys):
   workdir = classifier_run["workdir"]

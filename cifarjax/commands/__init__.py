@@ -58,11 +58,11 @@ def _preset_values(presets: dict, field: str) -> str:
   return "; ".join([f"default: {paper}", *others])
 
 
-def config_flags(parser, presets: dict, helps: dict) -> tuple[str, ...]:
+def config_flags(parser, presets: dict, helps: dict):
   """Adds a flag for each config field in `helps` ({field: what it does, a text or a
   function returning one}): named after the field (`flag_of`), of its type and with its
   choices where the config lists them; its help ends with the presets' values. A flag left
-  out keeps the preset's value (`config_from_args`). Returns the fields."""
+  out keeps the preset's value (`config_from_args`)."""
   fields = {f.name: f for f in dataclasses.fields(presets["paper"])}
   for name, text in helps.items():
     field = fields[name]
@@ -74,7 +74,6 @@ def config_flags(parser, presets: dict, helps: dict) -> tuple[str, ...]:
       shown = f"{text} ({values})" if text else values
     parser.add_argument(flag_of(name), dest=name, type=kind if kind in (int, float) else None,
                         choices=choices if isinstance(choices, tuple) else None, help=shown)
-  return tuple(helps)
 
 
 @contextlib.contextmanager
