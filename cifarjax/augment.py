@@ -7,32 +7,15 @@ vertical flip p=0.5, Gaussian noise of variance 0.015 with p=0.7, random crop
 with p=0.7, and spatial and colour jitter.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cifarjax.config import AugmentConfig  # defined with the other configs
+
 # Per-channel statistics of the CIFAR-100 training set, in [0, 1].
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-  hflip_prob: float = 0.5
-  vflip_prob: float = 0.0
-  noise_prob: float = 0.0
-  noise_variance: float = 0.015
-  crop_prob: float = 0.0
-  crop_padding: int = 4
-  jitter_prob: float = 0.0
-  max_rotation_deg: float = 10.0
-  max_shift: float = 2.0
-  max_scale: float = 0.1
-  brightness: float = 0.2
-  contrast: float = 0.2
-  saturation: float = 0.2
 
 
 def _with_prob(rng, prob, fn, image):

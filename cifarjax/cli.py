@@ -8,7 +8,8 @@ points first (`cifarjax.plugins`), so variants of one's own are registered befor
 command checks its options; a command on a workdir imports the modules its config.json
 records too. `main(argv)` runs a command in the calling process, changing none of its
 settings (a script that registered variants itself can call it); `run()` is the
-`cifarjax` command, which starts its own process with settings for speed.
+`cifarjax` command, which restarts its process with malloc settings for XLA's CPU
+buffers where JAX will run on the CPU (`reexec_with_huge_pages`).
 
 Mistakes in the input (`errors.UserError`, and the messages cifarjax's own code
 raises) print as one line `cifarjax <command>: error: ...` with exit code 2; a
@@ -23,8 +24,11 @@ import contextlib
 import copy
 import functools
 import importlib
+import importlib.metadata
+import importlib.util
 import logging
 import os
+import pkgutil
 import platform
 import signal
 import sys
@@ -198,26 +202,55 @@ def main(argv=None) -> int:
       return 2
 
 
-# XLA:CPU takes all of a call's buffers as one block from malloc (~790 MiB for the
-# classifier's step at batch 256). glibc serves it in fresh 4 KiB pages unless asked
-# for huge pages (~25% faster steps). And as a worker thread allocates it, glibc maps
-# it afresh and unmaps it after every call, so each step faults in and zeroes it
-# again (~13% of the step's CPU time); run on the main thread instead
-# (`keep_call_buffers`), it comes from the main heap, which these settings never
-# unmap or shrink (docs/benchmarks.md). glibc reads them only at process start.
+# XLA:CPU takes all of a call's buffers as one large block from malloc. glibc serves it
+# in fresh 4 KiB pages unless asked for huge pages. And as a worker thread allocates it,
+# glibc maps it afresh and unmaps it after every call, so each step faults in and zeroes
+# it again; run on the main thread instead (`keep_call_buffers`), it comes from the main
+# heap, which these settings never unmap or shrink (docs/benchmarks.md). glibc reads them
+# only at process start. On a GPU or TPU the step's buffers live on the device: there the
+# settings would only hold on to host memory.
 MALLOC_TUNABLES = ("glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0"
                    ":glibc.malloc.trim_threshold=4294967295")
+# The TPU runtime, which JAX loads without a plugin entry point.
+TPU_RUNTIME_MODULE = "libtpu"
+
+
+def accelerator_plugins() -> list[str]:
+  """The GPU and TPU runtimes installed for JAX to find, without importing JAX: its PJRT
+  plugins (entry points of the group "jax_plugins" and modules of the namespace package
+  jax_plugins, as jax_cuda12_plugin installs) and libtpu."""
+  found = [ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")]
+  namespace = importlib.util.find_spec("jax_plugins")
+  if namespace is not None and namespace.submodule_search_locations:
+    found += [m.name for m in pkgutil.iter_modules(namespace.submodule_search_locations)]
+  if importlib.util.find_spec(TPU_RUNTIME_MODULE) is not None:
+    found.append(TPU_RUNTIME_MODULE)
+  return found
+
+
+def cpu_backend_expected(environ=None, plugins=accelerator_plugins) -> bool:
+  """Whether JAX's default backend in a process with the environment `environ` (default:
+  this one's) will be the CPU, decided without starting a backend: where JAX_PLATFORMS (or
+  the older JAX_PLATFORM_NAME) is set, whether the first platform it lists is cpu; else
+  whether no GPU or TPU runtime is installed (`plugins()` lists none)."""
+  environ = os.environ if environ is None else environ
+  platforms = environ.get("JAX_PLATFORMS") or environ.get("JAX_PLATFORM_NAME") or ""
+  if platforms.strip():
+    return platforms.split(",")[0].strip().lower() == "cpu"
+  return not plugins()
 
 
 def reexec_with_huge_pages(python_args):
   """Replaces this process by `python python_args...` with MALLOC_TUNABLES.
 
-  Does so on Linux with glibc, unless GLIBC_TUNABLES is already set (then it is left
-  as the user set it) or CIFARJAX_HUGE_PAGES=0; else returns and nothing changes.
-  Call it first thing, before any work a second start would repeat.
+  Does so on Linux with glibc where JAX's backend will be the CPU (`cpu_backend_expected`),
+  unless GLIBC_TUNABLES is already set (then it is left as the user set it) or
+  CIFARJAX_HUGE_PAGES=0; else returns and nothing changes. Call it first thing, before any
+  work a second start would repeat.
   """
   if (sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
-      and "GLIBC_TUNABLES" not in os.environ and os.environ.get("CIFARJAX_HUGE_PAGES") != "0"):
+      and "GLIBC_TUNABLES" not in os.environ and os.environ.get("CIFARJAX_HUGE_PAGES") != "0"
+      and cpu_backend_expected()):
     env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLES)
     os.execve(sys.executable, [sys.executable, *python_args], env)
 
@@ -235,9 +268,9 @@ def keep_call_buffers():
 
 
 def run():
-  """The `cifarjax` command: `main()` in a process started with MALLOC_TUNABLES, its CPU
-  calls on the main thread (`keep_call_buffers`), and its QUIET_LOGGERS quiet to its end
-  (orbax's pending writes are reported as it exits)."""
+  """The `cifarjax` command: `main()` in a process started with MALLOC_TUNABLES where JAX
+  runs on the CPU, its CPU calls then on the main thread (`keep_call_buffers`), and its
+  QUIET_LOGGERS quiet to its end (orbax's pending writes are reported as it exits)."""
   reexec_with_huge_pages(["-m", "cifarjax", *sys.argv[1:]])
   keep_call_buffers()
   for name in QUIET_LOGGERS:

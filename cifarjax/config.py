@@ -1,4 +1,10 @@
-"""Run configurations: frozen dataclasses whose defaults are the paper's recipe.
+"""Run configurations: frozen dataclasses whose defaults are the paper's recipe, and one
+check of a config against what each of its fields may hold.
+
+Each field's range or choices are in its metadata (a `Range`; names, or a function that
+returns them; the registry entry it names, an `EntryField`); `validate` reads them, so a
+field and what it may hold are written side by side. Importing this module imports no JAX,
+so that the command line can build its flags from these fields.
 
 A run writes its config to `config.json` beside its checkpoints and metrics, with a
 record of the code of the registry entries it names (`plugins.record`), and
@@ -7,71 +13,186 @@ record of the code of the registry entries it names (`plugins.record`), and
 
 import dataclasses
 import json
+import math
 import pathlib
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
-from cifarjax import diffusion, models, optim, plugins, registry
-from cifarjax.augment import AugmentConfig
+from cifarjax import plugins, registry
+from cifarjax.data import DATASET_NAMES
 from cifarjax.errors import UserError, UserFileNotFoundError
 
 
-def _settings():
-  """A config field holding the settings of a registry entry it names (`registry`)."""
-  return dataclasses.field(default_factory=dict)
+class Range(NamedTuple):
+  """The numbers a field may hold: from low to high, each end included unless open."""
+  low: float
+  high: float = math.inf
+  low_open: bool = False
+  high_open: bool = False
+
+  def holds(self, v) -> bool:
+    above = v > self.low if self.low_open else v >= self.low
+    below = v < self.high if self.high_open or self.high == math.inf else v <= self.high
+    return above and below
+
+  def __str__(self):
+    closing = ")" if self.high_open or self.high == math.inf else "]"
+    return f"{'(' if self.low_open else '['}{self.low}, {self.high}{closing}"
+
+  def requirement(self, integer: bool) -> str:
+    """What a value out of the range is told it must be."""
+    if integer and self.high == math.inf and not self.low_open:
+      return {0: "be non-negative", 1: "be positive"}.get(self.low, f"be at least {self.low}")
+    return f"lie in {self}"
+
+
+POSITIVE = Range(1)  # of an int: 1, 2, ...
+NON_NEGATIVE = Range(0)
+PROBABILITY = Range(0, 1)
+FRACTION = Range(0, 1, high_open=True)  # a share that must leave something: dropout, decay
+SEEDS = Range(0, 2**32, high_open=True)
+
+
+class EntryField(NamedTuple):
+  """What a config field that names a registry entry refers to."""
+  registry: str  # a key of plugins.registries()
+  what: str  # how messages call its entries
+  settings: str | None = None  # the config field that holds the entry's settings
+
+  def contract(self):
+    """The registry's Protocol, whose positional parameters come first; None where its
+    entries take no settings. Imports JAX."""
+    from cifarjax import diffusion, models
+    return {"CLASSIFIERS": models.ClassifierFactory, "UNETS": models.UNetFactory,
+            "SCHEDULES": diffusion.ScheduleFn,
+            "LOSS_WEIGHTINGS": diffusion.LossWeighting}.get(self.registry)
+
+
+# Choices read from the modules that define them when a config is checked (they import JAX).
+def _optimizers() -> tuple:
+  from cifarjax import optim
+  return tuple(optim.OPTIMIZERS)
+
+
+def _lr_schedules() -> tuple:
+  from cifarjax import optim
+  return tuple(optim.LR_SCHEDULES)
+
+
+def _layer_sets() -> tuple:
+  from cifarjax.models import layer_sets
+  return layer_sets.LAYER_CHOICES
+
+
+def _field(default, doc: str = "", **metadata):
+  """A config field whose metadata says what it may hold: range (a `Range`), choices (names,
+  or a function returning them), entry (an `EntryField`), names (what a string names: it
+  must not be empty); doc says what it means."""
+  metadata = dict(metadata, doc=doc) if doc else metadata
+  if isinstance(default, dict):
+    return dataclasses.field(default_factory=dict, metadata=metadata)
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+class ConfigError(UserError):
+  """A config value its field may not hold, or fields that do not fit together.
+
+  fields: the config fields the message names (dotted paths into nested configs);
+  say(*names) words the message for names of them: the library calls a field
+  "config field NAME" (`field_name`), the command line by the flag that sets it.
+  """
+
+  def __init__(self, say: Callable[..., str], *fields: str):
+    self.say, self.fields = say, fields
+    super().__init__(self.worded(field_name))
+
+  def worded(self, name: Callable[[str], str]) -> str:
+    return self.say(*(name(f) for f in self.fields))
+
+  def __reduce__(self):  # `say` may be a closure: a pickled copy keeps the message
+    return UserError, (str(self),)
+
+
+def field_name(field: str) -> str:
+  """How the library's messages name a config field."""
+  return f"config field {field}"
+
+
+# --- The configs and their presets ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+  """The training images' augmentations (`cifarjax.augment`): each applied with its
+  probability; the paper's baseline flips horizontally only."""
+  hflip_prob: float = _field(0.5, range=PROBABILITY)
+  vflip_prob: float = _field(0.0, range=PROBABILITY)
+  noise_prob: float = _field(0.0, range=PROBABILITY)
+  noise_variance: float = _field(0.015, range=NON_NEGATIVE)
+  crop_prob: float = _field(0.0, range=PROBABILITY)
+  crop_padding: int = _field(4, "pixels of zeros around the image before the crop",
+                             range=NON_NEGATIVE)
+  jitter_prob: float = _field(0.0, "spatial and colour jitter", range=PROBABILITY)
+  max_rotation_deg: float = _field(10.0, range=NON_NEGATIVE)
+  max_shift: float = _field(2.0, "pixels", range=NON_NEGATIVE)
+  max_scale: float = _field(0.1, range=NON_NEGATIVE)
+  brightness: float = _field(0.2, "factors drawn from [1 - x, 1 + x]", range=NON_NEGATIVE)
+  contrast: float = _field(0.2, range=NON_NEGATIVE)
+  saturation: float = _field(0.2, range=NON_NEGATIVE)
+
+
+_LEARNING_RATE = Range(0, low_open=True)
+_LR_DECAY = Range(0, 1, low_open=True)
+_LAYERS_DOC = "the layer set (models.layer_sets): auto, flax or xla_cpu"
+_DATA_DOC = "a dataset name or a path (cifarjax.data.load_split)"
+_HOLDOUT_DOC = "held-out train images standing in for test where a source has none"
+_FUSED_DOC = "steps fused into one jitted call (loop.py); divides the cadences"
 
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
-  """The paper's classifier recipe (Part 1, sections 2-3).
+  """The paper's classifier recipe (Part 1, sections 2-3); fields beyond the paper default
+  to its values (`CLASSIFIER_PRESETS["improved"]` combines them).
 
-  weight_decay is L2 regularisation added to the gradient before Adam, as
-  PyTorch's `Adam(weight_decay=...)` (the paper's optimiser) does; not AdamW's
-  decoupled decay. lr_decay multiplies the learning rate once per epoch
-  (PyTorch's ExponentialLR stepped each epoch). model names the network in
-  `cifarjax.models.CLASSIFIERS` ("paper": `paper_classifier`); model_kwargs holds
-  its settings (`models.ClassifierFactory`), completed with their defaults by
-  `validate`.
-
-  Beyond the paper (its values are the defaults; `CLASSIFIER_PRESETS["improved"]`
-  combines them, see experiments/README.md for what each gave):
-  - optimizer: "adam" (the paper's, coupled L2) or "adamw" (decoupled decay),
-    `optim.OPTIMIZERS`.
-  - lr_schedule: "exponential" (the paper's, lr_decay per epoch) or "cosine"
-    (warmup_steps of linear warm-up, then cosine to 0 at `steps`), `optim.LR_SCHEDULES`.
-  - label_smoothing: this much of the training target's mass spread evenly over all
-    classes (the logged training loss is the smoothed one; evaluation losses are not).
-  - ema_decay: > 0 keeps an exponential moving average of the weights and BatchNorm
-    statistics (decay min(ema_decay, (1 + t) / (10 + t)) at step t, so early steps
-    are not dominated by the initial weights) and evaluates it instead of the raw ones.
-  - eval_flip: evaluation averages the class probabilities of each image and its
-    mirror image.
+  weight_decay is L2 regularisation added to the gradient before Adam, as PyTorch's
+  `Adam(weight_decay=...)` (the paper's optimiser) does; optimizer "adamw" decouples it.
+  lr_decay multiplies the learning rate once per epoch (PyTorch's ExponentialLR stepped
+  each epoch); lr_schedule "cosine" instead warms up linearly for warmup_steps, then
+  anneals to 0 at `steps`. ema_decay > 0 keeps an exponential moving average of the
+  weights and BatchNorm statistics (decay min(ema_decay, (1 + t) / (10 + t)) at step t)
+  and evaluates it instead of the raw ones.
   """
-  model: str = "paper"
-  model_kwargs: dict = _settings()
-  data: str = "cifar100"
-  holdout: int = 5000  # held-out train images standing in for test where a source has none
-  steps: int = 10_000
-  batch_size: int = 256
-  learning_rate: float = 0.005
-  lr_decay: float = 0.98
-  weight_decay: float = 5e-5
-  dropout: float = 0.0
+  model: str = _field("paper", "the network, a name in models.CLASSIFIERS",
+                      entry=EntryField("CLASSIFIERS", "classifier", "model_kwargs"))
+  model_kwargs: dict = _field({}, "the network's settings (models.ClassifierFactory)")
+  data: str = _field("cifar100", _DATA_DOC, names="a data source")
+  holdout: int = _field(5000, _HOLDOUT_DOC, range=POSITIVE)
+  steps: int = _field(10_000, range=POSITIVE)
+  batch_size: int = _field(256, range=POSITIVE)
+  learning_rate: float = _field(0.005, range=_LEARNING_RATE)
+  lr_decay: float = _field(0.98, range=_LR_DECAY)
+  weight_decay: float = _field(5e-5, range=NON_NEGATIVE)
+  dropout: float = _field(0.0, range=FRACTION)
   augment: AugmentConfig = AugmentConfig()
-  optimizer: str = "adam"
-  lr_schedule: str = "exponential"
-  warmup_steps: int = 0  # used by lr_schedule "cosine"
-  label_smoothing: float = 0.0
-  ema_decay: float = 0.0
-  eval_flip: bool = False
-  layers: str = "auto"  # the layer set (models.layer_sets): auto, flax or xla_cpu
-  seed: int = 0
-  log_every: int = 50
-  eval_every: int = 500
-  eval_batch_size: int = 1000
-  train_eval_size: int = 10_000  # fixed subset of train scored for train accuracy
-  checkpoint_every: int = 1000
-  keep_checkpoints: int = 3
-  steps_per_call: int = 1  # steps fused into one jitted call (loop.py); divides the cadences
+  optimizer: str = _field("adam", "optim.OPTIMIZERS", choices=_optimizers)
+  lr_schedule: str = _field("exponential", "optim.LR_SCHEDULES",
+                            choices=_lr_schedules)
+  warmup_steps: int = _field(0, "used by lr_schedule cosine", range=NON_NEGATIVE)
+  label_smoothing: float = _field(
+      0.0, "the training target's mass spread evenly over all classes (evaluation losses are "
+      "unsmoothed)", range=FRACTION)
+  ema_decay: float = _field(0.0, range=FRACTION)
+  eval_flip: bool = _field(False, "evaluation averages the class probabilities of each image "
+                           "and its mirror image")
+  layers: str = _field("auto", _LAYERS_DOC, choices=_layer_sets)
+  seed: int = _field(0, range=SEEDS)
+  log_every: int = _field(50, range=POSITIVE)
+  eval_every: int = _field(500, range=POSITIVE)
+  eval_batch_size: int = _field(1000, range=POSITIVE)
+  train_eval_size: int = _field(10_000, "fixed subset of train scored for train accuracy",
+                                range=POSITIVE)
+  checkpoint_every: int = _field(1000, range=POSITIVE)
+  keep_checkpoints: int = _field(3, range=POSITIVE)
+  steps_per_call: int = _field(1, _FUSED_DOC, range=POSITIVE)
 
 
 _NOISE_AUG = AugmentConfig(hflip_prob=0.5, vflip_prob=0.5, noise_prob=0.7, crop_prob=0.7)
@@ -91,87 +212,66 @@ CLASSIFIER_PRESETS = {
                                  ema_decay=0.999, eval_flip=True),
 }
 
+# DiffusionConfig.train_on: the splits of the data a generator trains on, concatenated.
+TRAINING_SPLITS = {"train": ("train",), "train+test": ("train", "test")}
+
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionConfig:
   """The paper's generator recipe (Part 2, sections 4-5).
 
-  lr_decay multiplies the learning rate once per epoch (PyTorch's ExponentialLR
-  stepped each epoch), as the classifier's does; with batch 256 on CIFAR-100
-  (195 steps per epoch) 50,000 steps are 256 epochs, ending at 0.995^256 = 28%
-  of the initial rate.
-
-  Beyond the paper (which says nothing of either):
-  - ema_decay: samples come from an exponential moving average of the weights.
-    A diffusion model's single-step weights jitter from batch to batch, and
-    every jitter shows in all ~1000 denoising steps; the average over the last
-    ~1/(1 - 0.999) = 1000 steps samples visibly cleaner images at no training
-    cost. Training itself uses the raw weights. The decay ramps up as
-    min(ema_decay, (1 + t) / (10 + t)) (`optim.ema_update`), so the average of a
-    short run is not mostly its initial weights.
-  - label_dropout: the probability of replacing a label by the null label in
-    training, which classifier-free guidance needs; 0 (the paper's recipe)
-    leaves the null label untrained, so sample with guidance 0.
-  - prediction: what the U-Net learns to output, "eps" (the noise: DDPM's and
-    the paper's) or "v" = alpha_t eps - sigma_t x_0 (Salimans & Ho 2022), whose
-    target stays of unit scale at every noise level. Samplers read either
-    (`diffusion.PREDICTIONS`).
-  - loss_weighting: "none" (DDPM's simplified loss, the paper's) or "min-snr"
-    (Hang et al. 2023): each timestep's error in x_0 weighted by
-    min(SNR_t, gamma) (loss_weighting_kwargs {"gamma": 5.0}), i.e. min(SNR, gamma) /
-    SNR on the eps error and min(SNR, gamma) / (SNR + 1) on the v error; it stops
-    the many easy low-noise steps from dominating the gradient.
-  The paper allows, and its final model used (section 6, "trained on the
-  entire dataset"):
-  - train_on: "train", or "train+test": the test split (or, where the source
-    has none, the held-out slice of train) added to the training images. Then
-    no image is left out of training; FID's reference stays the train split.
-  schedule names one in `diffusion.SCHEDULES`: "sigmoid" (Jabri et al., the
-  paper's), "linear" (DDPM's) or "sigmoid-blog" (the sigmoid on the betas of
-  the Annotated Diffusion blog the paper's code came from).
-  unet names the network in `cifarjax.models.UNETS` ("paper": 996,859
-  parameters for 100 classes; "tiny": for tests).
-  unet_kwargs, schedule_kwargs and loss_weighting_kwargs hold the settings of
-  those entries (the keyword parameters of their functions, e.g. the sigmoid
-  schedule's tau: `--set schedule_kwargs.tau=0.9`), completed with their
-  defaults by `validate`.
-
-  DIFFUSION_PRESETS["improved"] is the paper's recipe with v-prediction,
-  min-SNR-5 weighting and label dropout 0.1 (so that guidance can be used);
-  sampling with `dpm++2m` is a separate choice. Its FID is not yet measured:
-  that needs a GPU run of the full 50,000 steps.
+  lr_decay multiplies the learning rate once per epoch (PyTorch's ExponentialLR stepped
+  each epoch), as the classifier's does. Samples come from an exponential moving average
+  of the weights (ema_decay, ramped up as min(ema_decay, (1 + t) / (10 + t))); training
+  uses the raw ones. The entries a field names take their settings from its `_kwargs`
+  field (the keyword parameters of their functions, e.g. the sigmoid schedule's tau),
+  completed with their defaults by `validate`.
   """
-  data: str = "cifar100"
-  holdout: int = 5000  # held-out train images where a source has no test split (as the classifier)
-  steps: int = 50_000
-  batch_size: int = 256
-  learning_rate: float = 0.003  # Adam
-  lr_decay: float = 0.995
-  schedule: str = "sigmoid"  # the paper's choice (FID 75.19 against the linear schedule's 90.52)
-  schedule_kwargs: dict = _settings()
-  num_timesteps: int = 1000
-  hflip_prob: float = 0.5
-  ema_decay: float = 0.999
-  label_dropout: float = 0.0
-  prediction: str = "eps"
-  loss_weighting: str = "none"
-  loss_weighting_kwargs: dict = _settings()
-  train_on: str = "train"
-  unet: str = "paper"
-  layers: str = "auto"  # the layer set (models.layer_sets): auto, flax or xla_cpu
-  unet_kwargs: dict = _settings()
-  seed: int = 0
-  log_every: int = 100
-  eval_every: int = 1000  # loss of the raw and the EMA weights on a fixed noised batch
-  eval_batch_size: int = 256
-  checkpoint_every: int = 1000
-  keep_checkpoints: int = 3
-  steps_per_call: int = 1  # steps fused into one jitted call (loop.py); divides the cadences
+  data: str = _field("cifar100", _DATA_DOC, names="a data source")
+  holdout: int = _field(5000, _HOLDOUT_DOC, range=POSITIVE)
+  steps: int = _field(50_000, range=POSITIVE)
+  batch_size: int = _field(256, range=POSITIVE)
+  learning_rate: float = _field(0.003, "Adam's", range=_LEARNING_RATE)
+  lr_decay: float = _field(0.995, range=_LR_DECAY)
+  schedule: str = _field("sigmoid", "the noise schedule, a name in diffusion.SCHEDULES: "
+                         "sigmoid (the paper's), linear (DDPM's), sigmoid-blog, ...",
+                         entry=EntryField("SCHEDULES", "schedule", "schedule_kwargs"))
+  schedule_kwargs: dict = _field({})
+  num_timesteps: int = _field(1000, range=Range(2))
+  hflip_prob: float = _field(0.5, range=PROBABILITY)
+  ema_decay: float = _field(0.999, range=FRACTION)
+  label_dropout: float = _field(
+      0.0, "the probability of training a label as the null label, which classifier-free "
+      "guidance samples from; 0 leaves it untrained", range=FRACTION)
+  prediction: str = _field("eps", "what the U-Net outputs: eps (the noise) or v "
+                           "(alpha_t eps - sigma_t x_0), diffusion.PREDICTIONS",
+                           entry=EntryField("PREDICTIONS", "prediction"))
+  loss_weighting: str = _field("none", "each timestep's weight in the loss: none or min-snr "
+                               "(min(SNR_t, gamma) on the error in x_0), "
+                               "diffusion.LOSS_WEIGHTINGS",
+                               entry=EntryField("LOSS_WEIGHTINGS", "loss weighting",
+                                                "loss_weighting_kwargs"))
+  loss_weighting_kwargs: dict = _field({})
+  train_on: str = _field("train", "the splits trained on: train+test adds the test split "
+                         "(or the held-out slice); FID's reference stays train",
+                         choices=tuple(TRAINING_SPLITS))
+  unet: str = _field("paper", "the network, a name in models.UNETS",
+                     entry=EntryField("UNETS", "U-Net", "unet_kwargs"))
+  layers: str = _field("auto", _LAYERS_DOC, choices=_layer_sets)
+  unet_kwargs: dict = _field({})
+  seed: int = _field(0, range=SEEDS)
+  log_every: int = _field(100, range=POSITIVE)
+  eval_every: int = _field(1000, "loss of the raw and the EMA weights on a fixed noised batch",
+                           range=POSITIVE)
+  eval_batch_size: int = _field(256, range=POSITIVE)
+  checkpoint_every: int = _field(1000, range=POSITIVE)
+  keep_checkpoints: int = _field(3, range=POSITIVE)
+  steps_per_call: int = _field(1, _FUSED_DOC, range=POSITIVE)
 
 
-# The paper's section 4 schedule comparison. It ran both schedules at batch 128
-# (the final model, "paper", used 256), so this preset does too; compare it with
-# `dataclasses.replace(DIFFUSION_PRESETS["paper"], batch_size=128)`.
+# "linear-schedule" is the paper's section 4 comparison, which ran both schedules at batch
+# 128 (its final model, "paper", used 256). "improved" is beyond the paper: v-prediction,
+# min-SNR-5 weighting, and label dropout so that guidance can be used.
 DIFFUSION_PRESETS = {
     "paper": DiffusionConfig(),
     "linear-schedule": DiffusionConfig(schedule="linear", batch_size=128),
@@ -179,121 +279,65 @@ DIFFUSION_PRESETS = {
                                 loss_weighting_kwargs={"gamma": 5.0}, label_dropout=0.1),
 }
 
-
-def preset(presets: dict, name: str):
-  if name not in presets:
-    raise UserError(f"unknown --preset {name!r}; choose from {', '.join(presets)}")
-  return presets[name]
+# What each config's run is called in messages (never the class name).
+RUN_KINDS = {"ClassifierConfig": "classifier (train-classifier)",
+             "DiffusionConfig": "generator (train-diffusion)"}
 
 
 # --- Validation: every value checked before a run touches its workdir ---------------
 
-# Fields the train commands set by a flag; errors name the flag, others the field.
-CLI_FLAGS = ("data", "holdout", "steps", "batch_size", "eval_every", "checkpoint_every",
-             "log_every", "seed", "label_dropout", "unet", "steps_per_call", "train_on")
-DATASET_NAMES = ("cifar100", "cifar10", "synthetic")  # cifarjax.data's names
-# What each config's run is called in messages (never the class name).
-RUN_KINDS = {"ClassifierConfig": "classifier (train-classifier)",
-             "DiffusionConfig": "generator (train-diffusion)"}
-# DiffusionConfig.train_on: the splits of the data a generator trains on, concatenated.
-TRAINING_SPLITS = {"train": ("train",), "train+test": ("train", "test")}
+
+def field_type(f: dataclasses.Field) -> type:
+  """A field's annotation as a type (int, float, str, bool, dict or a config class)."""
+  return {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}.get(f.type, f.type)
 
 
-class EntryField(NamedTuple):
-  """A config field that names a registry entry."""
-  registry: str  # a key of plugins.registries()
-  what: str  # how messages call its entries
-  settings: str | None  # the config field that holds the entry's settings
-  protocol: type | None  # the registry's contract, whose positional parameters come first
-
-
-ENTRY_FIELDS = {
-    "model": EntryField("CLASSIFIERS", "classifier", "model_kwargs", models.ClassifierFactory),
-    "unet": EntryField("UNETS", "U-Net", "unet_kwargs", models.UNetFactory),
-    "schedule": EntryField("SCHEDULES", "schedule", "schedule_kwargs", diffusion.ScheduleFn),
-    "prediction": EntryField("PREDICTIONS", "prediction", None, None),
-    "loss_weighting": EntryField("LOSS_WEIGHTINGS", "loss weighting", "loss_weighting_kwargs",
-                                 diffusion.LossWeighting),
-}
+def entry_fields(config_or_class) -> dict[str, EntryField]:
+  """{field: EntryField} of the fields that name registry entries, in field order."""
+  return {f.name: f.metadata["entry"] for f in dataclasses.fields(config_or_class)
+          if "entry" in f.metadata}
 
 
 def entries_used(config) -> list:
-  """The registry entries a config names (`plugins.Use`), in ENTRY_FIELDS' order."""
+  """The registry entries a config names (`plugins.Use`), in field order."""
   return [plugins.Use(field, spec.registry, spec.what, getattr(config, field))
-          for field, spec in ENTRY_FIELDS.items() if hasattr(config, field)]
+          for field, spec in entry_fields(config).items()]
 
 
-def flag_name(field: str) -> str:
-  """How a message names a config field: its CLI flag, else "config field <name>"."""
-  return "--" + field.replace("_", "-") if field in CLI_FLAGS else f"config field {field}"
-
-
-def _positive_int(name, v):
-  if not isinstance(v, int) or isinstance(v, bool):
-    raise UserError(f"{name} must be an integer, got {v!r}")
-  if v < 1:
-    raise UserError(f"{name} must be positive, got {v}")
-
-
-def _number(name, v, low, high, low_open=False, high_open=False):
-  if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
-    raise UserError(f"{name} must be a number, got {v!r}")
-  if (v <= low if low_open else v < low) or (v >= high if high_open else v > high):
-    interval = (f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
-    raise UserError(f"{name} must lie in {interval}, got {v}")
-
-
-def _choice(name, v, choices):
-  if v not in choices:
-    raise UserError(f"{name} must be one of {', '.join(choices)}, got {v!r}")
+def problem(f: dataclasses.Field, v) -> str | None:
+  """What is wrong with the value v for the field f (its type and metadata), as the end of
+  a sentence whose subject is the field ("must be positive, got 0"); None if nothing."""
+  kind, meta = field_type(f), f.metadata
+  if kind is bool and not isinstance(v, bool):
+    return f"must be true or false, got {v!r}"
+  if kind is int and (not isinstance(v, int) or isinstance(v, bool)):
+    return f"must be an integer, got {v!r}"
+  if kind is float and (not isinstance(v, (int, float)) or isinstance(v, bool) or v != v):
+    return f"must be a number, got {v!r}"
+  if kind is str and not isinstance(v, str):
+    return f"must be a string, got {v!r}"
+  if "names" in meta and (not isinstance(v, str) or not v.strip()):
+    return f"must name {meta['names']}, got {v!r}"
+  if "range" in meta and not meta["range"].holds(v):
+    return f"must {meta['range'].requirement(kind is int)}, got {v}"
+  choices = meta.get("choices")
+  if "entry" in meta:
+    choices = plugins.registries()[meta["entry"].registry]
+  elif callable(choices):
+    choices = choices()
+  if choices is not None and v not in choices:
+    hint = f" ({registry.IMPORT_HINT})" if "entry" in meta else ""
+    return f"must be one of {', '.join(choices)}, got {v!r}{hint}"
+  return None
 
 
 def _check_fields(config, prefix=""):
-  for field in dataclasses.fields(config):
-    v = getattr(config, field.name)
-    name = flag_name(prefix + field.name) if not prefix else f"config field {prefix}{field.name}"
+  for f in dataclasses.fields(config):
+    v = getattr(config, f.name)
     if dataclasses.is_dataclass(v):
-      _check_fields(v, prefix=f"{prefix}{field.name}.")
-    elif field.name == "data":
-      if not isinstance(v, str) or not v.strip():
-        raise UserError(f"{name} must name a data source, got {v!r}")
-    elif field.name == "seed":
-      if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**32:
-        raise UserError(f"{name} must be an integer in [0, 2^32), got {v!r}")
-    elif field.name in ("learning_rate", "max_rotation_deg", "max_shift", "noise_variance",
-                        "max_scale", "brightness", "contrast", "saturation"):
-      _number(name, v, 0, float("inf"), low_open=field.name == "learning_rate", high_open=True)
-    elif field.name == "weight_decay":
-      _number(name, v, 0, float("inf"), high_open=True)
-    elif field.name == "lr_decay":
-      _number(name, v, 0, 1, low_open=True)
-    elif field.name.endswith("_prob"):
-      _number(name, v, 0, 1)
-    elif field.name in ("dropout", "label_dropout", "ema_decay", "label_smoothing"):
-      _number(name, v, 0, 1, high_open=True)
-    elif field.name == "optimizer":
-      _choice(name, v, optim.OPTIMIZERS)
-    elif field.name == "lr_schedule":
-      _choice(name, v, optim.LR_SCHEDULES)
-    elif field.name == "eval_flip":
-      if not isinstance(v, bool):
-        raise UserError(f"{name} must be true or false, got {v!r}")
-    elif field.name in ("crop_padding", "warmup_steps"):
-      if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise UserError(f"{name} must be a non-negative integer, got {v!r}")
-    elif field.name == "num_timesteps":
-      _positive_int(name, v)
-      if v < 2:
-        raise UserError(f"{name} must be at least 2, got {v}")
-    elif field.name in ENTRY_FIELDS:
-      spec = ENTRY_FIELDS[field.name]
-      registry.lookup(plugins.registries()[spec.registry], spec.what, v, flag=name)
-    elif field.name == "train_on":
-      _choice(name, v, TRAINING_SPLITS)
-    elif field.name == "layers":
-      _choice(name, v, models.layer_sets.LAYER_CHOICES)
-    elif field.type in (int, "int"):
-      _positive_int(name, v)  # steps, batch sizes, intervals, holdout, keep_checkpoints
+      _check_fields(v, prefix=f"{prefix}{f.name}.")
+    elif (wrong := problem(f, v)) is not None:
+      raise ConfigError(lambda name: f"{name} {wrong}", prefix + f.name)
 
 
 def _with_settings(config):
@@ -301,35 +345,36 @@ def _with_settings(config):
   and completed with its defaults (`registry.check_settings`)."""
   registered = plugins.registries()
   changes = {}
-  for field, spec in ENTRY_FIELDS.items():
-    if spec.settings and hasattr(config, field):
+  for field, spec in entry_fields(config).items():
+    if spec.settings:
       name = getattr(config, field)
       changes[spec.settings] = registry.check_settings(
-          registered[spec.registry][name], getattr(config, spec.settings), spec.protocol,
-          f"{spec.what} {name!r}", f"config field {spec.settings}")
+          registered[spec.registry][name], getattr(config, spec.settings), spec.contract(),
+          f"{spec.what} {name!r}", field_name(spec.settings))
   return dataclasses.replace(config, **changes)
 
 
 def validate(config):
-  """Checks every value of a ClassifierConfig or DiffusionConfig (ranges and types), and
-  returns it with the settings of the registry entries it names completed with their
-  defaults (so config.json holds them all).
+  """Checks every value of a ClassifierConfig or DiffusionConfig against its field's type
+  and metadata, and the fields that must fit together; returns the config with the
+  settings of the registry entries it names completed with their defaults (so config.json
+  holds them all).
 
-  Raises a UserError naming the CLI flag (or the config field where no flag sets it)
-  and the value, e.g. "--batch-size must be positive, got 0". Called by the trainers
-  before the workdir is touched, so a rejected run leaves nothing behind. The entries'
-  own checks of their settings run when the trainers build them, also before any file
-  is written.
+  Raises a ConfigError naming the field and the value, e.g. "config field batch_size must
+  be positive, got 0". The trainers call it before the workdir is touched, so a rejected
+  run leaves nothing behind; the entries' own checks of their settings run when the
+  trainers build them, also before any file is written.
   """
   _check_fields(config)
   if getattr(config, "lr_schedule", None) == "cosine" and config.warmup_steps >= config.steps:
-    raise UserError(f"{flag_name('warmup_steps')} {config.warmup_steps} must be fewer than "
-                    f"{flag_name('steps')} {config.steps}")
-  k = getattr(config, "steps_per_call", 1)
+    raise ConfigError(lambda warmup, steps: f"{warmup} {config.warmup_steps} must be fewer "
+                      f"than {steps} {config.steps}", "warmup_steps", "steps")
+  k = config.steps_per_call
   for field in ("log_every", "eval_every", "checkpoint_every"):
-    if getattr(config, field) % k:
-      raise UserError(f"{flag_name(field)} {getattr(config, field)} must be a multiple of "
-                      f"{flag_name('steps_per_call')} {k}, so that fused calls end on it")
+    every = getattr(config, field)
+    if every % k:
+      raise ConfigError(lambda name, fused: f"{name} {every} must be a multiple of {fused} "
+                        f"{k}, so that fused calls end on it", field, "steps_per_call")
   return _with_settings(config)
 
 
@@ -345,9 +390,8 @@ def override(config, values: dict):
       nested.setdefault(head, {})[rest] = value
     else:
       direct[head] = value
-  for field, spec in ENTRY_FIELDS.items():
-    if spec.settings and direct.get(field, getattr(config, field, None)) != getattr(
-        config, field, None):
+  for field, spec in entry_fields(config).items():
+    if spec.settings and direct.get(field, getattr(config, field)) != getattr(config, field):
       direct.setdefault(spec.settings, {})
   for head, sub in nested.items():
     current = direct.get(head, getattr(config, head))
@@ -355,72 +399,12 @@ def override(config, values: dict):
   return dataclasses.replace(config, **direct)
 
 
-def _field_type(cls, path: str, full: str):
-  head, _, rest = path.partition(".")
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  if head not in fields:
-    raise UserError(f"--set {full}: {_kind(cls.__name__)} configs have no field {head!r}; "
-                    f"fields: {', '.join(fields)}")
-  ftype = fields[head].type
-  ftype = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}.get(ftype, ftype)
-  if rest and ftype is dict and "." not in rest:
-    return object  # a setting: any JSON value (`setting_value`)
-  if rest:
-    if not dataclasses.is_dataclass(ftype):
-      raise UserError(f"--set {full}: {head} is a {getattr(ftype, '__name__', ftype)}, "
-                      f"not a group of fields")
-    return _field_type(ftype, rest, full)
-  if dataclasses.is_dataclass(ftype):
-    names = ", ".join(f"{path}.{f.name}" for f in dataclasses.fields(ftype))
-    raise UserError(f"--set {full}: {head} is a group of fields; set one of {names}")
-  return ftype
-
-
-def setting_value(text: str):
-  """A setting's value as the command line gives it: a JSON value (0.02, 3, true, [1, 2],
-  "a b"), else the text itself as a string. Its entry's default's type checks it."""
-  try:
-    return json.loads(text)
-  except ValueError:
-    return text
-
-
-def parse_assignments(cls, texts) -> dict:
-  """{field path: value} from the CLI's `--set FIELD=VALUE` strings, each value converted
-  to its field's type (int, float, str, bool, a dict from a JSON object) or rejected with
-  a line naming it; `--set schedule_kwargs.s=0.02` sets one setting (`setting_value`)."""
-  values = {}
-  for text in texts:
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-      raise UserError(f"--set wants FIELD=VALUE (e.g. learning_rate=0.001), got {text!r}")
-    ftype = _field_type(cls, key, key)
-    try:
-      if ftype is object:
-        value = setting_value(raw)
-      elif ftype is dict:
-        value = json.loads(raw)
-        if not isinstance(value, dict):
-          raise ValueError
-      elif ftype is bool:
-        if raw.lower() not in ("true", "false", "1", "0"):
-          raise ValueError
-        value = raw.lower() in ("true", "1")
-      else:
-        value = ftype(raw)
-    except ValueError:
-      kind = ("a JSON object of settings, e.g. {\"s\": 0.02}" if ftype is dict else
-              f"{'an' if ftype is int else 'a'} {ftype.__name__}")
-      raise UserError(f"--set {key} wants {kind}, got {raw!r}") from None
-    values[key] = value
-  return values
-
-
-def check_divisible(flag: str, size: int, num_devices: int):
-  """A batch is split evenly over the devices: `size` must be a multiple of their number."""
+def check_divisible(field: str, size: int, num_devices: int):
+  """A batch is split evenly over the devices: `size`, the config field `field`'s value,
+  must be a multiple of their number."""
   if size % num_devices:
-    raise UserError(f"{flag} {size} must be divisible by the number of devices ({num_devices})")
+    raise ConfigError(lambda name: f"{name} {size} must be divisible by the number of "
+                      f"devices ({num_devices})", field)
 
 
 def with_absolute_data(config):
@@ -429,6 +413,9 @@ def with_absolute_data(config):
   if config.data in DATASET_NAMES:
     return config
   return dataclasses.replace(config, data=str(pathlib.Path(config.data).expanduser().resolve()))
+
+
+# --- A run's config in its workdir: written, read back, resumed -----------------------
 
 
 def to_dict(config) -> dict:
@@ -567,14 +554,19 @@ def check_resumable(workdir, config):
       config)
   differ = sorted(k for k in new if k not in RUN_CONTROL and not _same(k, saved.get(k), new[k]))
   if saved.get("lr_schedule") == "cosine" and saved["steps"] != new["steps"] and not differ:
-    raise UserError(f"{workdir} holds a run whose learning rate anneals to 0 at --steps "
-                    f"{saved['steps']} (lr_schedule cosine); another --steps would bend that "
-                    f"curve mid-run: keep --steps {saved['steps']}, or train a new run")
+    raise ConfigError(lambda steps: f"{workdir} holds a run whose learning rate anneals to "
+                      f"0 at {steps} {saved['steps']} (lr_schedule cosine); another {steps} "
+                      f"would bend that curve mid-run: keep {steps} {saved['steps']}, or train "
+                      f"a new run", "steps")
   if differ:
-    details = "; ".join(f"{flag_name(k)}: {saved.get(k)!r} there, {new[k]!r} now"
-                        for k in differ[:4])
-    raise UserError(f"{workdir} holds a run with another config ({', '.join(differ)} differ: "
-                    f"{details}); use another --workdir, or the same settings to resume")
+    shown = differ[:4]
+
+    def say(*names):
+      details = "; ".join(f"{name}: {saved.get(k)!r} there, {new[k]!r} now"
+                          for name, k in zip(names, shown))
+      return (f"{workdir} holds a run with another config ({', '.join(differ)} differ: "
+              f"{details}); use another --workdir, or the same settings to resume")
+    raise ConfigError(say, *shown)
   plugins.note_changes(entries_used(config), recorded.get("registry", {}), workdir)
 
 
@@ -583,9 +575,9 @@ def _completed(saved: dict, config) -> dict:
   with the entry's defaults, as `validate` completes config's (runs saved before
   settings were recorded hold none)."""
   registered = plugins.registries()
-  for field, spec in ENTRY_FIELDS.items():
+  for field, spec in entry_fields(config).items():
     name = saved.get(field)
-    if spec.settings and name == getattr(config, field, None) and name in registered[spec.registry]:
-      defaults = registry.settings(registered[spec.registry][name], spec.protocol) or {}
+    if spec.settings and name == getattr(config, field) and name in registered[spec.registry]:
+      defaults = registry.settings(registered[spec.registry][name], spec.contract()) or {}
       saved[spec.settings] = json.loads(json.dumps({**defaults, **saved[spec.settings]}))
   return saved

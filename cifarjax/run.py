@@ -33,7 +33,7 @@ def open_workdir(config, workdir, mesh=None, batch_fields=("batch_size",)):
   config_lib.check_resumable(workdir, config)
   mesh = mesh or mesh_lib.make_mesh()
   for field in batch_fields:
-    config_lib.check_divisible(config_lib.flag_name(field), getattr(config, field), mesh.size)
+    config_lib.check_divisible(field, getattr(config, field), mesh.size)
   return config, workdir, mesh
 
 

@@ -92,9 +92,9 @@ def config_dict(config) -> dict:
 
 def use_huge_pages():
   """Restarts the script with the `cifarjax` command's malloc settings for XLA's
-  buffers, and keeps them from call to call as the command does (faster CPU steps,
-  docs/benchmarks.md). Each script's main() calls it first (the imports above it
-  then run twice: a few seconds), then `show_messages`."""
+  buffers where JAX will run on the CPU, and keeps them from call to call as the command
+  does (`cli.reexec_with_huge_pages`, docs/benchmarks.md). Each script's main() calls it
+  first (the imports above it then run again in the new process), then `show_messages`."""
   from cifarjax import cli
   cli.reexec_with_huge_pages(sys.orig_argv[1:])
   cli.keep_call_buffers()

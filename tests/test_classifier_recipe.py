@@ -145,7 +145,7 @@ def test_improved_run_resumes_exactly_and_evaluates_its_average_mirrored(tmp_pat
   _, resumed, _, _ = load_trained(tmp_path / "b", model=SMALL)
   chex.assert_trees_all_equal(jax.device_get(whole), jax.device_get(resumed))
   # Its learning rate reaches 0 at step 6: a longer run would restart the decay half-way.
-  with pytest.raises(UserError, match="anneals to 0 at --steps 6"):
+  with pytest.raises(UserError, match="anneals to 0 at config field steps 6"):
     train(dataclasses.replace(TINY_IMPROVED, steps=12), tmp_path / "b", model=SMALL)
 
   default = evaluate_workdir(tmp_path / "a", batch_size=64, model=SMALL)

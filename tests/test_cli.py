@@ -9,10 +9,12 @@ in fast fakes for the Inception features, so the file needs no weights.
 """
 
 import contextlib
+import importlib
 import io
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +25,8 @@ import pytest
 from PIL import Image
 
 from cifarjax import checkpoint, cli, config as config_lib, runlog
-from cifarjax.config import ClassifierConfig, DiffusionConfig
+from cifarjax.config import (CLASSIFIER_PRESETS, DIFFUSION_PRESETS, ClassifierConfig,
+                             DiffusionConfig)
 
 
 def call(*argv):
@@ -189,6 +192,31 @@ def test_5_relative_data_is_saved_absolute_and_evaluates_from_elsewhere(classifi
   assert code == 0, err
   result = json.loads(out)
   assert result["num_examples"] == 10 and result["step"] == 3  # the held-out slice
+
+
+def test_a_resume_with_other_settings_names_their_flags(classifier_run, monkeypatch):
+  """The trainer's refusal names config fields; the command line words them as its flags."""
+  monkeypatch.chdir(classifier_run["root"])
+  code, out, err = call("train-classifier", "--data", "data.zip", *TRAIN, "--batch-size", 4,
+                        "--set", "dropout=0.1", "--workdir", "run")
+  assert code == 2 and out == ""
+  assert error_of(err, "train-classifier").endswith(
+      "(batch_size, dropout differ: --batch-size: 8 there, 4 now; config field dropout: 0.0 "
+      "there, 0.1 now); use another --workdir, or the same settings to resume")
+
+
+def test_eval_classifier_picks_the_weights_with_weights_from_and_the_old_name(classifier_run,
+                                                                             capsys):
+  workdir = classifier_run["workdir"]
+  code, out, err = call("eval-classifier", "--workdir", workdir, "--weights-from", "raw", "--json")
+  assert code == 0 and json.loads(out)["weights"] == "raw" and "warning" not in err, err
+  code, old_out, err = call("eval-classifier", "--workdir", workdir, "--weights", "raw", "--json")
+  assert code == 0 and json.loads(old_out) == json.loads(out)
+  assert "cifarjax eval-classifier: warning: --weights is now --weights-from" in err
+  with pytest.raises(SystemExit) as info:
+    cli.main(["eval-classifier", "--workdir", str(workdir), "--weights-from", "best"])
+  assert info.value.code == 2
+  assert "argument --weights-from: invalid choice: 'best'" in capsys.readouterr().err
 
 
 # --- 6: eval-diffusion's reference ------------------------------------------------------
@@ -569,10 +597,18 @@ def test_11_help_shows_defaults_and_there_is_a_version(capsys):
   text = " ".join(capsys.readouterr().out.split())
   assert "images per compiled batch (default: 256)" in text
   assert "(default: ddpm)" in text
-  # --help's paper defaults are the configs' own.
-  for presets, table in ((ClassifierConfig(), classifier.PAPER),
-                         (DiffusionConfig(), diffusion.PAPER)):
-    assert {k: getattr(presets, k) for k in table} == table
+  # The trainers' flags are made from their config fields: each shows the presets' values.
+  for command, presets, flags in (("train-classifier", CLASSIFIER_PRESETS, classifier.TRAIN_FLAGS),
+                                  ("train-diffusion", DIFFUSION_PRESETS, diffusion.TRAIN_FLAGS)):
+    with pytest.raises(SystemExit):
+      cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for field in flags:
+      flag = "--" + field.replace("_", "-")
+      assert re.search(f"{flag} [A-Z_{{}},+a-z]+ .*?default: {getattr(presets['paper'], field)}",
+                       text), (command, flag)
+  assert "--batch-size BATCH_SIZE default: 256; linear-schedule: 128" in text
+  assert "(default: 0.0; improved: 0.1)" in text  # --label-dropout
 
 
 # --- Every config field from the command line, and registered models by name ------------
@@ -655,18 +691,22 @@ glibc_only = pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0
 
 
 def env_with_malloc_settings(settings: dict) -> dict:
-  """This process's environment with its malloc settings replaced by `settings`."""
-  base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CIFARJAX_HUGE_PAGES")}
-  return {**base, **settings}
+  """This process's environment with its malloc settings replaced by `settings`, JAX on
+  the CPU unless `settings` name other platforms."""
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("GLIBC_TUNABLES", "CIFARJAX_HUGE_PAGES", "JAX_PLATFORM_NAME")}
+  return {**base, "JAX_PLATFORMS": "cpu", **settings}
 
 
 @glibc_only
 @pytest.mark.parametrize("env,want", [({}, cli.MALLOC_TUNABLES),
                                       ({"CIFARJAX_HUGE_PAGES": "0"}, "None"),
                                       ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
-                                       "glibc.malloc.arena_max=2")])
+                                       "glibc.malloc.arena_max=2"),
+                                      ({"JAX_PLATFORMS": "cuda,cpu"}, "None")])
 def test_processes_restart_once_with_huge_pages_unless_told_otherwise(tmp_path, env, want):
-  """What `cifarjax` and every experiment script's main() do first (a 25% faster CPU step)."""
+  """What `cifarjax` and every experiment script's main() do first where JAX runs on the
+  CPU: its step's buffers then come from glibc's malloc."""
   script = tmp_path / "probe.py"
   script.write_text("import os, sys\nfrom cifarjax import cli\n"
                     "print('start', flush=True)\ncli.reexec_with_huge_pages(sys.argv)\n"
@@ -680,8 +720,8 @@ def test_processes_restart_once_with_huge_pages_unless_told_otherwise(tmp_path, 
 @glibc_only
 @pytest.mark.parametrize("huge_pages", ["1", "0"])
 def test_a_restarted_process_reuses_its_call_buffers(tmp_path, huge_pages):
-  """A call's 128 MiB of buffers is faulted in once, not on every call (~13% of the
-  classifier step's CPU time went to zeroing fresh pages). A fresh mapping of it costs at
+  """A call's 128 MiB of buffers is faulted in once, not on every call (zeroing fresh
+  pages is CPU time every step would pay). A fresh mapping of it costs at
   least one page fault per 2 MiB (x86's largest page for it); reused, none, and the rest of
   a call a few (up to 9 beside the suite's other workers)."""
   script = tmp_path / "calls.py"
@@ -706,3 +746,35 @@ def test_a_restarted_process_reuses_its_call_buffers(tmp_path, huge_pages):
     assert faults_per_call < fresh_mapping_faults / 2
   else:
     assert faults_per_call >= fresh_mapping_faults
+
+
+@pytest.mark.parametrize("environ,plugins,cpu", [
+    ({}, [], True),
+    ({}, ["xla_cuda12"], False),
+    ({}, ["libtpu"], False),
+    ({"JAX_PLATFORMS": "cpu"}, ["xla_cuda12"], True),
+    ({"JAX_PLATFORMS": "cuda,cpu"}, [], False),
+    ({"JAX_PLATFORMS": "tpu"}, [], False),
+    ({"JAX_PLATFORMS": ""}, ["xla_cuda12"], False),
+    ({"JAX_PLATFORM_NAME": "CPU"}, ["libtpu"], True),
+])
+def test_the_malloc_restart_is_for_processes_whose_jax_runs_on_the_cpu(environ, plugins, cpu):
+  """JAX_PLATFORMS decides where set (its first platform); else an installed GPU or TPU
+  runtime means JAX will run there, and the host's malloc holds no step buffers."""
+  assert cli.cpu_backend_expected(environ, lambda: plugins) is cpu
+
+
+def test_installed_accelerator_runtimes_are_found_without_importing_jax(tmp_path, monkeypatch):
+  for name in ("jax_plugins", "libtpu"):
+    monkeypatch.delitem(sys.modules, name, raising=False)
+  before = set(cli.accelerator_plugins())
+  (tmp_path / "jax_plugins" / "xla_fake_gpu").mkdir(parents=True)
+  (tmp_path / "jax_plugins" / "xla_fake_gpu" / "__init__.py").write_text("")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert set(cli.accelerator_plugins()) == before | {"xla_fake_gpu"}
+  assert cli.cpu_backend_expected({}) is False
+  (tmp_path / "libtpu").mkdir()
+  (tmp_path / "libtpu" / "__init__.py").write_text("")
+  importlib.invalidate_caches()
+  assert "libtpu" in cli.accelerator_plugins()
+  assert "jax_plugins.xla_fake_gpu" not in sys.modules and "libtpu" not in sys.modules

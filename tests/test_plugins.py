@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifarjax import checkpoint, cli, config as config_lib, diffusion, models, plugins, registry
+from cifarjax import (checkpoint, cli, commands, config as config_lib, diffusion, models, plugins,
+                      registry)
 from cifarjax import run as run_lib
 from cifarjax.config import ClassifierConfig, DiffusionConfig
 from cifarjax.errors import Notice, UserError
@@ -136,7 +137,7 @@ def test_settings_are_checked_against_the_entry_and_completed():
 
 
 def test_set_reaches_an_entry_s_settings():
-  values = config_lib.parse_assignments(DiffusionConfig, [
+  values = commands.parse_assignments(DiffusionConfig, [
       "schedule=linear", "schedule_kwargs.beta_end=0.03", "loss_weighting=min-snr",
       'loss_weighting_kwargs={"gamma": 2}', "unet_kwargs.note=a b"])
   assert values == {"schedule": "linear", "schedule_kwargs.beta_end": 0.03,
@@ -160,7 +161,7 @@ def test_set_reaches_an_entry_s_settings():
                         ("schedule_kwargs.a.b=1", "--set schedule_kwargs.a.b: schedule_kwargs is "
                                                   "a dict, not a group of fields")]:
     with pytest.raises(UserError) as info:
-      config_lib.parse_assignments(DiffusionConfig, [text])
+      commands.parse_assignments(DiffusionConfig, [text])
     assert str(info.value) == message
 
 

@@ -181,7 +181,7 @@ def test_presets():
 @pytest.mark.parametrize("field,value,message", [
     ("prediction", "x0", "config field prediction must be one of eps, v, got 'x0'"),
     ("loss_weighting", "snr", "config field loss_weighting must be one of none, min-snr"),
-    ("train_on", "test", "--train-on must be one of train, train\\+test, got 'test'"),
+    ("train_on", "test", "config field train_on must be one of train, train\\+test, got 'test'"),
     ("schedule", "cosine", "config field schedule must be one of sigmoid, linear, sigmoid-blog"),
 ])
 def test_new_fields_are_validated(field, value, message):
@@ -192,7 +192,10 @@ def test_new_fields_are_validated(field, value, message):
 
 def test_cli_choices_are_the_registries():
   assert diffusion_commands.WEIGHTS_FROM == tuple(generate.SAMPLE_FROM)
-  assert diffusion_commands.TRAIN_ON == tuple(config_lib.TRAINING_SPLITS)
+  train_on = next(a for a in cli.build_parser()._subparsers._group_actions[0]
+                  .choices["train-diffusion"]._actions if a.dest == "train_on")
+  assert train_on.option_strings == ["--train-on"]
+  assert tuple(train_on.choices) == tuple(config_lib.TRAINING_SPLITS)
 
 
 def test_train_cli_passes_the_preset_and_train_on(tmp_path, monkeypatch):

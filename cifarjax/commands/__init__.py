@@ -1,9 +1,13 @@
-"""The subcommand groups of the `cifarjax` command line, and the checks they share."""
+"""The subcommand groups of the `cifarjax` command line, the config flags the trainers make
+from config fields, `--set`, and the checks they share."""
 
 import contextlib
+import dataclasses
+import json
 import pathlib
 import shutil
 
+from cifarjax import config as config_lib  # imports no JAX: --help stays quick
 from cifarjax.errors import UserError
 
 # Files a training run writes into its workdir before its first checkpoint.
@@ -41,6 +45,48 @@ def registered_help(registry_name: str, about: str):
   return text
 
 
+def flag_of(field: str) -> str:
+  """The flag that sets a config field: batch_size is --batch-size."""
+  return "--" + field.replace("_", "-")
+
+
+def _preset_values(presets: dict, field: str) -> str:
+  """The presets' values of a field, as --help shows them: paper's, then those that differ."""
+  paper = getattr(presets["paper"], field)
+  others = [f"{name}: {getattr(config, field)}" for name, config in presets.items()
+            if getattr(config, field) != paper]
+  return "; ".join([f"default: {paper}", *others])
+
+
+def config_flags(parser, presets: dict, helps: dict):
+  """Adds a flag for each config field in `helps` ({field: what it does, a text or a
+  function returning one}): named after the field (`flag_of`), of its type and with its
+  choices where the config lists them; its help ends with the presets' values. A flag left
+  out keeps the preset's value (`config_from_args`)."""
+  fields = {f.name: f for f in dataclasses.fields(presets["paper"])}
+  for name, text in helps.items():
+    field = fields[name]
+    kind, choices = config_lib.field_type(field), field.metadata.get("choices")
+    values = _preset_values(presets, name)
+    if callable(text):  # written when --help shows it (`registered_help`)
+      shown = lambda text=text, values=values: f"{text()} ({values})"
+    else:
+      shown = f"{text} ({values})" if text else values
+    parser.add_argument(flag_of(name), dest=name, type=kind if kind in (int, float) else None,
+                        choices=choices if isinstance(choices, tuple) else None, help=shown)
+
+
+@contextlib.contextmanager
+def flag_names(fields):
+  """A `config.ConfigError` raised inside as a UserError that names each of `fields` (the
+  command's config flags, `config_flags`) by its flag, other fields as the library does."""
+  try:
+    yield
+  except config_lib.ConfigError as e:
+    name = lambda field: flag_of(field) if field in fields else config_lib.field_name(field)
+    raise UserError(e.worded(name)) from e
+
+
 def set_flag(parser, example: str):
   """Adds --set FIELD=VALUE (repeatable): any field of the run's config; `example`, of this
   command's fields, is shown (tests/test_examples.py runs it)."""
@@ -52,16 +98,82 @@ def set_flag(parser, example: str):
            f"generator unet_kwargs, schedule_kwargs and loss_weighting_kwargs")
 
 
+def preset(presets: dict, name: str):
+  if name not in presets:
+    raise UserError(f"unknown --preset {name!r}; choose from {', '.join(presets)}")
+  return presets[name]
+
+
+def _field_type(cls, path: str, full: str):
+  head, _, rest = path.partition(".")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  if head not in fields:
+    kind = config_lib.RUN_KINDS.get(cls.__name__, cls.__name__)
+    raise UserError(f"--set {full}: {kind} configs have no field {head!r}; "
+                    f"fields: {', '.join(fields)}")
+  ftype = config_lib.field_type(fields[head])
+  if rest and ftype is dict and "." not in rest:
+    return object  # a setting: any JSON value (`setting_value`)
+  if rest:
+    if not dataclasses.is_dataclass(ftype):
+      raise UserError(f"--set {full}: {head} is a {getattr(ftype, '__name__', ftype)}, "
+                      f"not a group of fields")
+    return _field_type(ftype, rest, full)
+  if dataclasses.is_dataclass(ftype):
+    names = ", ".join(f"{path}.{f.name}" for f in dataclasses.fields(ftype))
+    raise UserError(f"--set {full}: {head} is a group of fields; set one of {names}")
+  return ftype
+
+
+def setting_value(text: str):
+  """A setting's value as the command line gives it: a JSON value (0.02, 3, true, [1, 2],
+  "a b"), else the text itself as a string. Its entry's default's type checks it."""
+  try:
+    return json.loads(text)
+  except ValueError:
+    return text
+
+
+def parse_assignments(cls, texts) -> dict:
+  """{field path: value} from `--set FIELD=VALUE` strings, each value converted to its
+  field's type (int, float, str, bool, a dict from a JSON object) or rejected with a line
+  naming it; `--set schedule_kwargs.s=0.02` sets one setting (`setting_value`)."""
+  values = {}
+  for text in texts:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+      raise UserError(f"--set wants FIELD=VALUE (e.g. learning_rate=0.001), got {text!r}")
+    ftype = _field_type(cls, key, key)
+    try:
+      if ftype is object:
+        value = setting_value(raw)
+      elif ftype is dict:
+        value = json.loads(raw)
+        if not isinstance(value, dict):
+          raise ValueError
+      elif ftype is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+          raise ValueError
+        value = raw.lower() in ("true", "1")
+      else:
+        value = ftype(raw)
+    except ValueError:
+      kind = ("a JSON object of settings, e.g. {\"s\": 0.02}" if ftype is dict else
+              f"{'an' if ftype is int else 'a'} {ftype.__name__}")
+      raise UserError(f"--set {key} wants {kind}, got {raw!r}") from None
+    values[key] = value
+  return values
+
+
 def config_from_args(presets: dict, args):
   """The run's config: the --preset, then every flag named as a config field, then --set;
-  each value validated (a UserError names the first bad one)."""
-  import dataclasses
-  from cifarjax import config as config_lib
-  config = config_lib.preset(presets, args.preset)
+  each value validated (a `config.ConfigError` names the first bad one)."""
+  config = preset(presets, args.preset)
   flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(config)
            if getattr(args, f.name, None) is not None}
   config = config_lib.override(config, flags)
-  config = config_lib.override(config, config_lib.parse_assignments(type(config), args.set))
+  config = config_lib.override(config, parse_assignments(type(config), args.set))
   return config_lib.validate(config)
 
 

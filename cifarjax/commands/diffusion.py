@@ -6,20 +6,33 @@ timesteps) before the generator is loaded, so a mistake costs no model load.
 
 import json
 
-from cifarjax.commands import (config_from_args, distributed_flag, fresh_start_guard,
-                               positive, registered_help, set_flag)
-from cifarjax.commands.classifier import DATA_HELP
+from cifarjax.commands import (config_flags, config_from_args, distributed_flag, flag_names,
+                               fresh_start_guard, positive, registered_help, set_flag,
+                               setting_value)
+from cifarjax.commands.classifier import DATA_HELP, FUSED_HELP
+from cifarjax.config import DIFFUSION_PRESETS
 
-# The paper preset's values, shown by --help (tests/test_cli.py checks them against config.py).
-PAPER = {"data": "cifar100", "holdout": 5000, "steps": 50_000, "batch_size": 256,
-         "label_dropout": 0.0, "unet": "paper", "eval_every": 1000, "checkpoint_every": 1000,
-         "log_every": 100, "seed": 0, "train_on": "train"}
-# Choices written out so that --help imports no jax; tests/test_train_diffusion.py checks
-# them against generate.SAMPLE_FROM and config.TRAINING_SPLITS. Samplers, clips and U-Nets
-# are registries, which --import extends: their options are checked after the imports,
-# and their help lists what is registered when it is shown.
+# Written out so that --help imports no JAX; tests/test_train_diffusion.py checks it against
+# generate.SAMPLE_FROM. Samplers, clips and U-Nets are registries, which --import extends:
+# their options are checked after the imports, and their help lists what is registered
+# when it is shown.
 WEIGHTS_FROM = ("ema", "raw")
-TRAIN_ON = ("train", "train+test")
+# The config fields train-diffusion sets by a flag of their name, and what each does.
+TRAIN_FLAGS = {
+    "data": DATA_HELP,
+    "holdout": "held-out train examples where the source has no test split",
+    "steps": "training steps",
+    "batch_size": "",
+    "label_dropout": "train the null label for classifier-free guidance (beyond the paper)",
+    "unet": registered_help("UNETS", "the U-Net, a name in cifarjax.models.UNETS"),
+    "train_on": "train+test adds the test split (or the held-out slice) to the training "
+                "images, as the paper's final model",
+    "eval_every": "",
+    "checkpoint_every": "",
+    "log_every": "",
+    "steps_per_call": FUSED_HELP,
+    "seed": "",
+}
 
 
 def register(subparsers):
@@ -29,29 +42,9 @@ def register(subparsers):
   p.add_argument("--preset", default="paper",
                  help="paper, linear-schedule (section 4's comparison, batch 128) or improved "
                  "(beyond the paper: v-prediction, min-SNR loss weighting, label dropout 0.1)")
-  p.add_argument("--data", help=f"{DATA_HELP} (default: {PAPER['data']})")
-  p.add_argument("--holdout", type=int, help="held-out train examples where the source has no "
-                 f"test split (default: {PAPER['holdout']})")
-  p.add_argument("--steps", type=int, help=f"training steps (default: {PAPER['steps']})")
-  p.add_argument("--batch-size", type=int, help=f"default: {PAPER['batch_size']} "
-                 "(linear-schedule: 128)")
-  p.add_argument("--label-dropout", type=float,
-                 help="train the null label for classifier-free guidance (beyond the paper; "
-                 f"default: {PAPER['label_dropout']})")
-  p.add_argument("--unet", help=registered_help(
-      "UNETS", f"the U-Net, a name in cifarjax.models.UNETS (default: {PAPER['unet']})"))
-  p.add_argument("--train-on", choices=TRAIN_ON,
-                 help="train+test adds the test split (or the held-out slice) to the training "
-                 "images, as the paper's final model (default: train)")
-  p.add_argument("--eval-every", type=int, help=f"default: {PAPER['eval_every']}")
-  p.add_argument("--checkpoint-every", type=int, help=f"default: {PAPER['checkpoint_every']}")
-  p.add_argument("--log-every", type=int, help=f"default: {PAPER['log_every']}")
-  p.add_argument("--steps-per-call", type=int, help="train steps fused into one jitted call "
-                 "(must divide the log, eval and checkpoint intervals; e.g. --steps-per-call 50 "
-                 "on a GPU; default: 1)")
+  config_flags(p, DIFFUSION_PRESETS, TRAIN_FLAGS)
   p.add_argument("--workdir", default="runs/diffusion",
                  help="where the run keeps its config, metrics, plots and checkpoints")
-  p.add_argument("--seed", type=int, help=f"default: {PAPER['seed']}")
   set_flag(p, "--set learning_rate=0.001 --set schedule_kwargs.tau=0.9")
   distributed_flag(p)
   p.set_defaults(func=train)
@@ -134,8 +127,7 @@ def _clip_arg(p):
 
 
 def _sampler_kwargs(args) -> dict:
-  """--sampler-arg NAME=VALUE ... as a dict (`config.setting_value` reads each value)."""
-  from cifarjax.config import setting_value
+  """--sampler-arg NAME=VALUE ... as a dict (`setting_value` reads each value)."""
   from cifarjax.errors import UserError
   kwargs = {}
   for text in args.sampler_arg:
@@ -198,12 +190,12 @@ def _parse_labels(text: str) -> list[int]:
 
 def train(args):
   from cifarjax import mesh as mesh_lib
-  from cifarjax.config import DIFFUSION_PRESETS
   from cifarjax.train_diffusion import train as train_diffusion
   mesh_lib.initialize_distributed(args.distributed)
-  config = config_from_args(DIFFUSION_PRESETS, args)
-  with fresh_start_guard(args.workdir):
-    summary = train_diffusion(config, args.workdir)
+  with flag_names(TRAIN_FLAGS):
+    config = config_from_args(DIFFUSION_PRESETS, args)
+    with fresh_start_guard(args.workdir):
+      summary = train_diffusion(config, args.workdir)
   print(json.dumps(summary, indent=2))
 
 
