@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
