@@ -1,10 +1,10 @@
 """XLA compiler options for our jitted functions (`jax.jit(..., compiler_options=options())`).
 
 On CPUs, XLA's own convolution kernels are slow; XLA can instead hand
-matmuls to YNNPACK (XNNPACK's successor, built into jaxlib), which halved the
-FID Inception's time (docs/benchmarks.md). The switch is
-still marked experimental in XLA, so it is tried once on a tiny program and
-left off where this jaxlib lacks or rejects it. Other backends get no options.
+matmuls to YNNPACK (XNNPACK's successor, built into jaxlib), whose kernels are
+faster (docs/benchmarks.md has the numbers). The switch is still marked
+experimental in XLA, so it is tried once on a tiny program and left off where
+this jaxlib lacks or rejects it. Other backends get no options.
 """
 
 import functools

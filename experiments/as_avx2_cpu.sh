@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs a command as on an AVX2-only CPU, as far as each library lets one switch AVX-512 off, on an AVX-512
-# machine (docs/benchmarks.md: the stand-in for the CPU speed comparison when no AVX2-only machine is at hand):
+# machine (docs/benchmarks.md: a stand-in for an AVX2-only CPU in the CPU speed comparisons):
 #   XLA's generated code:  --xla_cpu_max_isa=AVX2
 #   YNNPACK inside jaxlib: avx2_cpu/sitecustomize.py clears AVX-512 from its cpuinfo (jaxlib 0.10.2, Linux)
 #   PyTorch:               ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2

@@ -72,6 +72,7 @@ def _classifier_flops_bracket(batch_size: int) -> tuple[float, float]:
   return low, low + 100 * batch_size * outputs + 100 * num_params
 
 
+@pytest.mark.integration
 def test_bench_classifier_row(capsys, monkeypatch):
   """The row times the paper classifier's real train step, compiled once ahead of time: one
   call, then --steps timed calls on a batch of --batch-size, each given the state the last
@@ -193,6 +194,7 @@ def test_compiled_flops_of_real_programs():
   assert flops is not None and flops >= 2 * 4 * 16 * 16
 
 
+@pytest.mark.integration
 def test_the_generators_train_step_has_a_flop_count():
   """Its random numbers loop (threefry's rounds) but its matrix work does not: counted, at
   2.5-4x the forward pass's (backward ~2x forward, plus the optimizer)."""

@@ -133,6 +133,7 @@ TINY_IMPROVED = dataclasses.replace(
     log_every=3, eval_every=3, eval_batch_size=64, train_eval_size=64, checkpoint_every=3)
 
 
+@pytest.mark.integration
 def test_improved_run_resumes_exactly_and_evaluates_its_average_mirrored(tmp_path):
   summary = train(TINY_IMPROVED, tmp_path / "a", model=SMALL)
   _, whole, _, _ = load_trained(tmp_path / "a", model=SMALL)

@@ -1,4 +1,4 @@
-"""The command line's promises (issue 12): bad input is caught before work starts and
+"""The command line's promises: bad input is caught before work starts and
 reported in one line (exit 2) with the workdir untouched; long phases say what they do;
 Ctrl-C saves and says how to resume (exit 130); outputs are readable.
 
@@ -114,11 +114,11 @@ def generator_dir(tmp_path_factory):
   return workdir
 
 
-# --- 1, 2: values checked before the workdir is touched --------------------------------
+# --- Values checked before the workdir is touched ----------------------------------------
 
 
 @pytest.mark.parametrize("command", ["train-classifier", "train-diffusion"])
-def test_1_negative_steps_are_refused_before_anything_is_written(tmp_path, command):
+def test_negative_steps_are_refused_before_anything_is_written(tmp_path, command):
   code, out, err = call(command, "--data", "synthetic", "--steps", -5,
                         "--workdir", tmp_path / "run")
   assert code == 2 and out == ""
@@ -126,7 +126,7 @@ def test_1_negative_steps_are_refused_before_anything_is_written(tmp_path, comma
   assert not (tmp_path / "run").exists()
 
 
-def test_2_batch_size_zero_leaves_no_workdir_and_the_corrected_run_works(classifier_run):
+def test_batch_size_zero_leaves_no_workdir_and_the_corrected_run_works(classifier_run):
   code, _, err = classifier_run["zero"]
   assert code == 2
   assert error_of(err, "train-classifier").endswith("--batch-size must be positive, got 0")
@@ -135,14 +135,14 @@ def test_2_batch_size_zero_leaves_no_workdir_and_the_corrected_run_works(classif
   assert code == 0 and json.loads(out)["steps"] == 3
 
 
-def test_2_batch_larger_than_the_data_is_refused_before_the_workdir(tmp_path):
+def test_batch_larger_than_the_data_is_refused_before_the_workdir(tmp_path):
   code, _, err = call("train-diffusion", "--data", "synthetic", "--unet", "tiny",
                       "--batch-size", 100_000, "--workdir", tmp_path / "run")
   assert code == 2 and "--batch-size 100000 exceeds the 2560" in error_of(err, "train-diffusion")
   assert not (tmp_path / "run").exists()
 
 
-def test_2_a_start_that_fails_leaves_no_config_behind(tmp_path, monkeypatch):
+def test_a_start_that_fails_leaves_no_config_behind(tmp_path, monkeypatch):
   from cifarjax import train_classifier
   def broken(*args, **kwargs):
     raise RuntimeError("compiler crashed")
@@ -152,11 +152,11 @@ def test_2_a_start_that_fails_leaves_no_config_behind(tmp_path, monkeypatch):
   assert not (tmp_path / "run").exists()  # so the rerun does not meet "another config"
 
 
-# --- 3, 4: data checked at load ----------------------------------------------------------
+# --- Data checked at load ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("command", ["train-classifier", "train-diffusion"])
-def test_3_images_of_another_size_are_refused(tmp_path, command):
+def test_images_of_another_size_are_refused(tmp_path, command):
   data = image_zip(tmp_path / "big.zip", size=40)
   code, _, err = call(command, "--data", data, *TRAIN, "--workdir", tmp_path / "run")
   assert code == 2
@@ -165,7 +165,7 @@ def test_3_images_of_another_size_are_refused(tmp_path, command):
   assert not (tmp_path / "run").exists()
 
 
-def test_4_fewer_than_five_classes_trains_and_reports_no_top5(tmp_path):
+def test_fewer_than_five_classes_trains_and_reports_no_top5(tmp_path):
   data = image_zip(tmp_path / "three.zip", classes=3)
   code, out, err = call("train-classifier", "--data", data, *TRAIN, "--holdout", 4,
                         "--batch-size", 4, "--workdir", tmp_path / "run")
@@ -179,10 +179,10 @@ def test_4_fewer_than_five_classes_trains_and_reports_no_top5(tmp_path):
   assert not (tmp_path / "one").exists()
 
 
-# --- 5: absolute paths in saved configs --------------------------------------------------
+# --- Absolute paths in saved configs -----------------------------------------------------
 
 
-def test_5_relative_data_is_saved_absolute_and_evaluates_from_elsewhere(classifier_run,
+def test_relative_data_is_saved_absolute_and_evaluates_from_elsewhere(classifier_run,
                                                                        tmp_path, monkeypatch):
   root, workdir = classifier_run["root"], classifier_run["workdir"]
   saved = runlog.read_json(workdir / "config.json")["data"]
@@ -219,10 +219,10 @@ def test_eval_classifier_picks_the_weights_with_weights_from_and_the_old_name(cl
   assert "argument --weights-from: invalid choice: 'best'" in capsys.readouterr().err
 
 
-# --- 6: eval-diffusion's reference ------------------------------------------------------
+# --- eval-diffusion's reference ----------------------------------------------------------
 
 
-def test_6_eval_diffusion_names_its_reference_and_leaves_out_the_held_out_images(
+def test_eval_diffusion_names_its_reference_and_leaves_out_the_held_out_images(
     tmp_path, monkeypatch, fake_inception):
   from types import SimpleNamespace
   from cifarjax import generate
@@ -257,7 +257,7 @@ def test_6_eval_diffusion_names_its_reference_and_leaves_out_the_held_out_images
   assert list((tmp_path / "cache" / "fid_stats").glob("*.npz")) == cached  # not copied
 
 
-# --- 7: one-point series are drawn ------------------------------------------------------
+# --- One-point series are drawn ----------------------------------------------------------
 
 
 def _pixels_of(png, rgb) -> int:
@@ -265,7 +265,7 @@ def _pixels_of(png, rgb) -> int:
   return int((np.abs(a - np.array(rgb)).sum(-1) < 60).sum())
 
 
-def test_7_one_point_series_show_in_both_figures(classifier_run, tmp_path):
+def test_one_point_series_show_in_both_figures(classifier_run, tmp_path):
   from cifarjax import plots
   # The run evaluated once (step 3): its train/test accuracy series hold one point each.
   graph = classifier_run["workdir"] / "training_graph.png"
@@ -276,10 +276,10 @@ def test_7_one_point_series_show_in_both_figures(classifier_run, tmp_path):
   assert _pixels_of(plots.generator_graph(tmp_path), blue) > 110  # its legend line alone: 77
 
 
-# --- 8: ordinary mistakes without tracebacks ---------------------------------------------
+# --- Ordinary mistakes without tracebacks ------------------------------------------------
 
 
-def test_8_truncated_zip_is_named(tmp_path):
+def test_a_truncated_zip_is_named(tmp_path):
   data = image_zip(tmp_path / "data.zip")
   data.write_bytes(data.read_bytes()[:3000])
   code, _, err = call("train-classifier", "--data", data, "--workdir", tmp_path / "run")
@@ -289,7 +289,7 @@ def test_8_truncated_zip_is_named(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-def test_8_truncated_weights_are_named(tmp_path):
+def test_truncated_weights_are_named(tmp_path):
   images = tmp_path / "images.npz"
   np.savez(images, images=np.zeros((2, 32, 32, 3), np.uint8))
   weights = tmp_path / "weights.npz"
@@ -301,7 +301,7 @@ def test_8_truncated_weights_are_named(tmp_path):
   assert f"FID weights file {weights} is not a readable .npz (truncated or corrupt?)" in line
 
 
-def test_8_workdir_that_is_a_file(tmp_path):
+def test_a_workdir_that_is_a_file_is_refused_and_kept(tmp_path):
   path = tmp_path / "notes.txt"
   path.write_text("keep me")
   code, _, err = call("train-classifier", "--data", "synthetic", "--workdir", path)
@@ -311,7 +311,7 @@ def test_8_workdir_that_is_a_file(tmp_path):
   assert code == 2 and "is a file" in error_of(err, "eval-classifier")
 
 
-def test_8_ctrl_c_saves_and_says_how_to_resume(classifier_run):
+def test_ctrl_c_saves_and_says_how_to_resume(classifier_run):
   code, _, err = classifier_run["interrupted"]
   assert code == 130 and "Traceback" not in err
   assert classifier_run["steps_saved"] == [1]  # the checkpoint Ctrl-C asked for
@@ -319,10 +319,10 @@ def test_8_ctrl_c_saves_and_says_how_to_resume(classifier_run):
          "Run the same command to resume." in err.splitlines()
 
 
-# --- 9: messages that say what is wrong -------------------------------------------------
+# --- Messages that say what is wrong -----------------------------------------------------
 
 
-def test_9_empty_weights_npz_is_not_called_a_torch_file(tmp_path):
+def test_an_empty_weights_npz_is_not_called_a_torch_file(tmp_path):
   images = tmp_path / "images.npz"
   np.savez(images, images=np.zeros((2, 32, 32, 3), np.uint8))
   weights = tmp_path / "empty.npz"
@@ -332,7 +332,7 @@ def test_9_empty_weights_npz_is_not_called_a_torch_file(tmp_path):
   assert code == 2 and "holds no arrays" in line and "torch.save" not in line.split("expected")[0]
 
 
-def test_9_run_kinds_are_named_for_people(tmp_path):
+def test_run_kinds_are_named_for_people(tmp_path):
   config_lib.save_json(ClassifierConfig(), tmp_path / "config.json")
   runlog.write_json(tmp_path / "classes.json", ["a", "b"])
   code, _, err = call("sample", "--workdir", tmp_path, "--num", 2, "--out", tmp_path / "x.npz")
@@ -344,7 +344,7 @@ def test_9_run_kinds_are_named_for_people(tmp_path):
   assert code == 2 and "generator (train-diffusion)" in line and "Config" not in line
 
 
-def test_9_tfds_message_names_no_missing_subfolder(tmp_path, caplog):
+def test_tfds_message_names_no_missing_subfolder(tmp_path, caplog):
   from cifarjax.data.tfds_source import TfdsUnavailableError, load_tfds
   missing = tmp_path / "nowhere"
   with pytest.raises(TfdsUnavailableError) as info:
@@ -354,14 +354,14 @@ def test_9_tfds_message_names_no_missing_subfolder(tmp_path, caplog):
   assert not [r for r in caplog.records if "dataset_info.json" in r.getMessage()]
 
 
-def test_9_bad_jpeg_is_named_without_an_object_address(tmp_path):
+def test_a_bad_jpeg_is_named_without_an_object_address(tmp_path):
   data = image_zip(tmp_path / "data.zip", extra={"train/class_0/broken.jpg": b"not a jpeg"})
   code, _, err = call("train-classifier", "--data", data, "--workdir", tmp_path / "run")
   line = error_of(err, "train-classifier")
   assert code == 2 and "broken.jpg" in line and "0x" not in line
 
 
-def test_9_custom_model_checkpoint_gives_a_short_error(tmp_path):
+def test_a_custom_model_checkpoint_gives_a_short_error(tmp_path):
   import flax.linen as nn
   from cifarjax import train_classifier as tc
 
@@ -385,16 +385,16 @@ def test_9_custom_model_checkpoint_gives_a_short_error(tmp_path):
   assert "custom model (Small)" in line and "load_trained(workdir, model=" in line
 
 
-def test_9_sample_steps_zero_names_the_flag(generator_dir, tmp_path):
+def test_sample_steps_zero_names_the_flag(generator_dir, tmp_path):
   code, _, err = call("sample", "--workdir", generator_dir, "--num", 2, "--sampler", "ddim",
                       "--steps", 0, "--out", tmp_path / "x.npz")
   assert code == 2 and error_of(err, "sample").endswith("--steps must be positive, got 0")
 
 
-# --- 10: long phases say what they do; checks come before loads --------------------------
+# --- Long phases say what they do; checks come before loads ------------------------------
 
 
-def test_10_training_phases_and_resume_are_announced(classifier_run):
+def test_training_phases_and_resume_are_announced(classifier_run):
   _, _, first = classifier_run["interrupted"]
   assert "cifarjax train-classifier: loading " in first
   assert "30 training and 10 test images of 5 classes" in first
@@ -406,7 +406,7 @@ def test_10_training_phases_and_resume_are_announced(classifier_run):
   assert "classifier (evaluating)" in second  # the bar says what it waits for
 
 
-def test_10_labels_and_steps_are_checked_before_the_model_loads(generator_dir, tmp_path,
+def test_labels_and_steps_are_checked_before_the_model_loads(generator_dir, tmp_path,
                                                                 monkeypatch):
   from cifarjax import generate
   def no_load(*args, **kwargs):
@@ -423,7 +423,7 @@ def test_10_labels_and_steps_are_checked_before_the_model_loads(generator_dir, t
   assert code == 2 and "--frames must be at least 2" in error_of(err, "interpolate")
 
 
-def test_10_11_interpolation_talks_and_shows_its_sources(generator_dir, tmp_path):
+def test_interpolation_says_what_it_does_and_shows_its_sources(generator_dir, tmp_path):
   out = tmp_path / "strip.png"
   code, stdout, err = call("interpolate", "--workdir", generator_dir, "--data", "synthetic",
                            "--a", 0, "--b", 1, "--frames", 2, "--steps", 2, "--out", out)
@@ -559,10 +559,10 @@ def test_fid_weights_are_installed_once_with_their_sha256_checked(fid_weights_pa
     weights.resolve_weights_path()
 
 
-# --- 11: readable outputs ---------------------------------------------------------------
+# --- Readable outputs --------------------------------------------------------------------
 
 
-def test_11_sample_sheet_is_enlarged_with_class_names(generator_dir, tmp_path):
+def test_the_sample_sheet_is_enlarged_with_class_names(generator_dir, tmp_path):
   out = tmp_path / "samples.npz"
   code, _, err = call("sample", "--workdir", generator_dir, "--num", 3, "--labels", "2,7",
                       "--sampler", "ddim", "--steps", 2, "--out", out)
@@ -575,7 +575,7 @@ def test_11_sample_sheet_is_enlarged_with_class_names(generator_dir, tmp_path):
   assert (names < 128).any()  # ... with dark text in it
 
 
-def test_11_fid_warns_about_few_images(tmp_path, fake_inception):
+def test_fid_warns_about_few_images(tmp_path, fake_inception):
   _, weights = fake_inception
   for name in ("a", "b"):
     np.savez(tmp_path / f"{name}.npz", images=np.zeros((20, 32, 32, 3), np.uint8))
@@ -586,7 +586,7 @@ def test_11_fid_warns_about_few_images(tmp_path, fake_inception):
   assert "cifarjax fid: Fréchet distance of 600-d statistics" in err
 
 
-def test_11_help_shows_defaults_and_there_is_a_version(capsys):
+def test_help_shows_defaults_and_there_is_a_version(capsys):
   from cifarjax import __version__
   from cifarjax.commands import classifier, diffusion
   with pytest.raises(SystemExit) as info:
@@ -717,6 +717,7 @@ def test_processes_restart_once_with_huge_pages_unless_told_otherwise(tmp_path, 
   assert out == ["start"] * (1 + restarts) + [want]
 
 
+@pytest.mark.integration
 @glibc_only
 @pytest.mark.parametrize("huge_pages", ["1", "0"])
 def test_a_restarted_process_reuses_its_call_buffers(tmp_path, huge_pages):

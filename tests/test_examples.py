@@ -164,6 +164,7 @@ def run(argv, tmp_path, generator, weights) -> tuple[int, str]:
 RUN = ("train-classifier", "train-diffusion", "sample", "eval-diffusion", "info")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("argv", help_examples(), ids=" ".join)
 def test_help_examples_run(argv, tmp_path, generator, fake_inception, monkeypatch):
   monkeypatch.chdir(tmp_path)
@@ -171,6 +172,7 @@ def test_help_examples_run(argv, tmp_path, generator, fake_inception, monkeypatc
   assert code == 0, err
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("line", [line for line in readme_lines() if not is_pattern(line)])
 def test_readme_command_lines_run(line, tmp_path, generator, fake_inception, monkeypatch):
   argv = shlex.split(line)[1:]

@@ -48,6 +48,7 @@ def test_last_batch_is_padded_not_recompiled(monkeypatch):
   assert steps["step"].calls == [(10, 5, 7, 3)]
 
 
+@pytest.mark.integration
 def test_sharded_over_several_devices():
   """On 4 (fake CPU) devices: batch 6 rounds up to 8 and results keep their order."""
   code = textwrap.dedent("""

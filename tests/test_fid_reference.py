@@ -4,9 +4,9 @@ Reference vectors: ../shared/fid/pytorch-fid-reference-cifar10-train.npz (see
 shared/README.md): pytorch-fid's features of two sets of 1000 train photos (set1 =
 <class>/0000..0099, set2 = <class>/0100..0199) and its FID between them, 46.27891253375185.
 
-End to end, photos -> our features -> FID, costs ~0.1 s of network per image on a 2-core
-CPU: 2 x 1000 photos take ~4 minutes, too long for every run, so the default suite runs
-the same path on 64 + 64 of them (one compile, batch 32):
+End to end, photos -> our features -> FID of 2 x 1000 photos takes minutes on a CPU, so
+the tests (integration tier: the full-size Inception) run the same path on 64 + 64 of them
+(one compile, batch 32):
   * set1's 64 are the reference's `images_a`; set2's 64 are their counterparts
     <class>/01xx, decoded from the CIFAR-10 zip here; our features of both equal
     pytorch-fid's to float32 rounding;
@@ -27,6 +27,8 @@ from cifarjax import fid
 from cifarjax.data.image_folder import decode_image
 
 from _fid_exact import covariance, fid_from_features
+
+pytestmark = pytest.mark.integration
 
 BATCH_SIZE = 32
 # Measured (64 images, batch 32, CPU): max |diff| 1.7e-5 on features up to 8.6,
@@ -139,7 +141,6 @@ def test_fid_matches_pytorch_fid(reference):
                              float(reference["fid_12"]), rtol=3e-6)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("CIFARJAX_FID_SLOW_TESTS"),
                     reason="scipy sqrtm of a 2048x2048 product takes ~60 s on 2 cores; "
                            "set CIFARJAX_FID_SLOW_TESTS=1")
@@ -147,7 +148,6 @@ def test_fid_sqrtm_matches_pytorch_fid(reference):
   np.testing.assert_allclose(_fid_12(reference, "sqrtm"), float(reference["fid_12"]), rtol=1e-9)
 
 
-@pytest.mark.slow
 @SLOW
 def test_fid_end_to_end_on_2_x_1000_photos(inception, reference, cifar10_zip_path):
   """Photos -> our features -> FID, against pytorch-fid's 46.27891253375185 (~4 minutes)."""

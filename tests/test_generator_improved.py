@@ -34,7 +34,7 @@ def script(monkeypatch):
   return importlib.import_module("generator_improved")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_equal_steps_and_the_fid_grid(script, tmp_path, monkeypatch):
   weights = tmp_path / "weights.npz"  # stands in for the Inception weights: only its sha256 counts
   weights.write_bytes(b"weights")

@@ -48,6 +48,7 @@ def test_both_sets_make_the_same_parameters(name, build, init, loss):
                               init(build(CHUNKED), jax.random.PRNGKey(0), x))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name,build,init,loss", _networks(), ids=lambda v: v if isinstance(v, str) else "")
 def test_both_sets_compute_the_same_function_and_gradient(name, build, init, loss):
   """In float64, where rounding is 1e-16, the outputs' loss and every gradient agree to
@@ -97,6 +98,7 @@ def test_layer_set_names():
       config_lib.validate(cls(layers="cuda"))
 
 
+@pytest.mark.integration
 def test_a_generator_trains_with_the_flax_layers_and_resumes_with_the_cpu_ones(tmp_path):
   """A whole run with layers=flax; its checkpoint resumes under xla_cpu (the layer set may
   change between calls, as on a move from an accelerator to a CPU)."""
@@ -112,6 +114,7 @@ def test_a_generator_trains_with_the_flax_layers_and_resumes_with_the_cpu_ones(t
   assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
 
 
+@pytest.mark.integration
 def test_a_classifier_trains_with_the_flax_layers(tmp_path):
   from cifarjax import train_classifier as tc
   config = ClassifierConfig(data="synthetic", steps=2, batch_size=16, log_every=1, eval_every=2,

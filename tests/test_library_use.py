@@ -65,7 +65,7 @@ def test_readme_shows_a_variant_of_each_kind_and_the_commands_for_them():
       "train-classifier", "eval-classifier", "train-diffusion", "sample", "eval-diffusion"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_variants_train_sample_and_score_from_the_command_line(variants, fake_inception,
                                                                 monkeypatch, capsys):
   """README's command lines, each as in a fresh shell: --import brings the variants to the
@@ -116,6 +116,7 @@ def test_variants_train_sample_and_score_from_the_command_line(variants, fake_in
   assert summary["fid_sampler_source_sha256"] == registry.fingerprint(my_variants.euler_ancestral)
 
 
+@pytest.mark.integration
 def test_variants_from_python(variants, monkeypatch):
   folder, _ = variants
   monkeypatch.syspath_prepend(str(folder))
@@ -194,6 +195,7 @@ def test_readme_euler_ancestral_is_ddim_at_eta_0(variants):
   assert diffusion.check_sampler("euler-a", schedule, 10, 1.0) == {"s_noise": 1.0}
 
 
+@pytest.mark.integration
 def test_fid_of_arrays(monkeypatch, tmp_path, fid_weights_path, capsys):
   """The block prints the FID of two sets of 16 noise images: the Fréchet distance of the
   features it extracted, which tests/_fid_exact.py computes again without cifarjax.fid.stats."""

@@ -17,6 +17,8 @@ from cifarjax import runlog
 
 from _step_agreement import assert_steps_agree
 
+pytestmark = pytest.mark.integration
+
 WORKER = pathlib.Path(__file__).with_name("_multiprocess_worker.py")
 TIMEOUT_S = 600
 N = 16 * 32 * 32  # the worker's batch of 32x32 images: the longest sums in a step

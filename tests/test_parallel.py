@@ -15,6 +15,8 @@ import pytest
 
 from _step_agreement import assert_steps_agree
 
+pytestmark = pytest.mark.integration
+
 SCRIPT = pathlib.Path(__file__).with_name("_sharded_step.py")
 BATCH = 16  # _sharded_step.py's batch of 32x32 images: the longest sums run over 16 * 32 * 32
 N = BATCH * 32 * 32

@@ -5,6 +5,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.integration
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "reproduce.py"
 
 

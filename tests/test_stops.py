@@ -22,6 +22,8 @@ import pytest
 
 from cifarjax import checkpoint, runlog
 
+pytestmark = pytest.mark.integration
+
 TIMEOUT_S = 600
 # Evaluation at the end of a run only, on small sets (the runs compare checkpoints).
 SMALL = ("--data", "synthetic", "--batch-size", 8, "--log-every", 1, "--eval-every", 100_000,

@@ -186,6 +186,7 @@ def test_train_step_compiles_once(run_dir):
   assert RUN_TRACES["all"].get("draw") == 1, RUN_TRACES
 
 
+@pytest.mark.integration
 def test_fused_calls_of_any_length_train_the_same_bits(tmp_path):
   """steps_per_call fuses k steps into one jitted call. 8 steps per call and 2 give
   bitwise the same weights after 10 steps: log and eval at 8, a resume there, and
@@ -201,6 +202,7 @@ def test_fused_calls_of_any_length_train_the_same_bits(tmp_path):
   assert [r["step"] for r in records if "loss" in r] == [8, 10]
 
 
+@pytest.mark.integration
 def test_unrolled_single_step_is_the_rolled_one_up_to_rounding(tmp_path):
   """The default one-step call (no loop around the body, for XLA:CPU's speed) draws the
   same batch and takes the same step as the rolled body of fused calls: the same step

@@ -331,6 +331,7 @@ def test_grid_has_a_row_per_class():
   np.testing.assert_array_equal(sheet[1:5, 1:5], images[1])
 
 
+@pytest.mark.integration
 def test_eval_diffusion_fid_merges_into_summary(run_dir, tmp_path, fid_weights_path, monkeypatch,
                                                 capsys):
   workdir, _ = run_dir

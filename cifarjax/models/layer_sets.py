@@ -123,8 +123,9 @@ def _dropout_on_whole_batch(rate, deterministic):
 
 def xla_cpu_layers(chunk_size: int = 64) -> LayerSet:
   """The `xla_cpu` layers; a training batch of a multiple of chunk_size images runs as chunks
-  of that many (0: whole batches). With 64, XLA:CPU ran the classifier's step 0.87-0.91x as
-  long as unchunked, and compiled it in about twice the time (docs/benchmarks.md)."""
+  of that many (0: whole batches). XLA:CPU runs the chunks' ops side by side, where one op
+  at a time leaves cores idle; smaller chunks compile longer and gain nothing more
+  (docs/benchmarks.md)."""
   if chunk_size < 0:
     raise ValueError(f"chunk_size must be 0 (no chunks) or positive, got {chunk_size}")
   chunkwise = xla_cpu.chunkwise

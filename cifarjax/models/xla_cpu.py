@@ -138,7 +138,7 @@ class ConvTranspose2x2(nn.Module):
 
   A 2x2 kernel at stride 2 never overlaps itself, so each input pixel's four
   output pixels are one matmul row: (N*H*W, C) @ (C, 2*2*features), then each
-  row's four pixels moved into place. As a dilated convolution, XLA:CPU took
+  row's four pixels moved into place. As a dilated convolution, XLA:CPU takes
   its kernel gradient at a fraction of the matmul's speed (the generator's
   largest op). The kernel is flipped: flax's transposed convolution puts
   kernel[1 - a, 1 - b] at output offset (a, b).
