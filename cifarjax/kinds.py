@@ -50,8 +50,8 @@ class RunKind:
   make_model: Callable[..., nn.Module]  # (config, num_classes) -> the network it names
   model_field: str  # the config field that names the network
   init_inputs: Callable[[], tuple]  # example inputs of one image for the network's init
-  init_kwargs: dict = dataclasses.field(default_factory=dict)
-  keeps_average: Callable[..., bool] = lambda config: True  # config -> does its state keep `ema`
+  init_kwargs: dict  # and the keyword arguments of its init
+  keeps_average: Callable[..., bool]  # config -> whether the state keeps `ema`
 
   def init_state(self, model: nn.Module, tx, seed: int, ema: bool = False) -> trainer.TrainState:
     """`trainer.init_state` of this kind's network."""
@@ -60,10 +60,15 @@ class RunKind:
 
 
 CLASSIFIER = RunKind(
-    "classifier", ClassifierConfig, "train-classifier", "cifarjax.train_classifier",
-    make_classifier, "model", lambda: (np.zeros((1, *IMAGE_SHAPE), np.float32),),
-    {"train": False}, keeps_average=lambda config: config.ema_decay > 0)
+    name="classifier", config_cls=ClassifierConfig, train_command="train-classifier",
+    trainer_module="cifarjax.train_classifier", make_model=make_classifier, model_field="model",
+    init_inputs=lambda: (np.zeros((1, *IMAGE_SHAPE), np.float32),), init_kwargs={"train": False},
+    keeps_average=lambda config: config.ema_decay > 0)
 GENERATOR = RunKind(
-    "generator", DiffusionConfig, "train-diffusion", "cifarjax.train_diffusion",
-    make_unet, "unet", lambda: (np.zeros((1, *IMAGE_SHAPE), np.float32),
-                                np.zeros((1,), np.int32), np.zeros((1,), np.int32)))
+    name="generator", config_cls=DiffusionConfig, train_command="train-diffusion",
+    trainer_module="cifarjax.train_diffusion", make_model=make_unet, model_field="unet",
+    init_inputs=lambda: (np.zeros((1, *IMAGE_SHAPE), np.float32), np.zeros((1,), np.int32),
+                         np.zeros((1,), np.int32)),
+    init_kwargs={},
+    # Samples come from the average, whatever ema_decay (0: the average is the last weights).
+    keeps_average=lambda config: True)

@@ -138,8 +138,9 @@ def train(config: DiffusionConfig, workdir, mesh=None, model: nn.Module | None =
   train_step = make_train_step(model, schedule, tx, mesh, config)  # traces the loss weighting
   run_lib.write_start(workdir, config, train_data.class_names)
 
-  state = jax.device_put(kinds.GENERATOR.init_state(model, tx, config.seed, ema=True),
-                         mesh_lib.replicated(mesh))
+  state = kinds.GENERATOR.init_state(model, tx, config.seed,
+                                     ema=kinds.GENERATOR.keeps_average(config))
+  state = jax.device_put(state, mesh_lib.replicated(mesh))
   images, labels = put_split(train_data, mesh)
   state, final_eval, seconds = loop.run(
       workdir, state, draw=make_draw(images, labels, config, mesh),

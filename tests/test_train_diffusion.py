@@ -398,14 +398,15 @@ def test_generate_samples_from_the_ema_weights(run_dir):
   sample = lambda s: generate.generate(workdir, [0, 5], **SAMPLER, seed=0, batch_size=2,
                                        progress=False, trained=(model, s, config, class_names))
   # After 6 steps the EMA is still near the initial weights, far from the raw ones.
-  assert not np.allclose(jax.tree.leaves(state.params)[0], jax.tree.leaves(state.ema["params"])[0])
+  assert not np.allclose(jax.tree.leaves(state.params)[0],
+                         jax.tree.leaves(state.ema["params"])[0])
   images = sample(state)
   np.testing.assert_array_equal(sample(state.replace(params=state.ema["params"])), images)
-  assert not np.array_equal(sample(state.replace(ema_params=state.params)), images)
+  assert not np.array_equal(sample(state.replace(ema={"params": state.params})), images)
   # sample_from="raw" is sampling the raw weights where the EMA ones would be.
   raw = generate.generate(workdir, [0, 5], **SAMPLER, seed=0, batch_size=2, progress=False,
                           trained=(model, state, config, class_names), sample_from="raw")
-  np.testing.assert_array_equal(raw, sample(state.replace(ema_params=state.params)))
+  np.testing.assert_array_equal(raw, sample(state.replace(ema={"params": state.params})))
   with pytest.raises(UserError, match="sample_from must be one of ema, raw, got 'best'"):
     generate.generate(workdir, [0], sample_from="best")
 
@@ -460,8 +461,9 @@ def test_exported_weights_sample_as_the_workdir_does(run_dir, tmp_path, capsys):
   assert (summary["exported_step"], summary["exported_weights"]) == (TINY.steps, "ema")
   _, state, _, _ = td.load_trained(workdir)
   with np.load(out / "weights.npz") as npz:
-    np.testing.assert_array_equal(npz["UNetBlock_0/TimeEncoder_0/Dense_0/kernel"],
-                                  state.ema["params"]["UNetBlock_0"]["TimeEncoder_0"]["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(
+        npz["UNetBlock_0/TimeEncoder_0/Dense_0/kernel"],
+        state.ema["params"]["UNetBlock_0"]["TimeEncoder_0"]["Dense_0"]["kernel"])
   np.testing.assert_array_equal(
       generate.generate(out, [1, 4], **SAMPLER, seed=0, batch_size=2, progress=False),
       generate.generate(workdir, [1, 4], **SAMPLER, seed=0, batch_size=2, progress=False))
