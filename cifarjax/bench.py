@@ -141,12 +141,13 @@ def classifier(batch_size: int = 256, steps: int = 20, mesh=None) -> dict:
   """The paper classifier's train step (forward, backward, Adam)."""
   from cifarjax.config import ClassifierConfig
   from cifarjax.models import paper_classifier
-  from cifarjax.train_classifier import init_state, make_optimizer, make_train_step
+  from cifarjax.kinds import CLASSIFIER
+  from cifarjax.train_classifier import make_optimizer, make_train_step
   mesh = mesh or mesh_lib.make_mesh()
   mesh_lib.check_batch_size(batch_size, mesh)
   model = paper_classifier()
   tx, _ = make_optimizer(ClassifierConfig(), 195)
-  state = jax.device_put(init_state(model, tx, 0), mesh_lib.replicated(mesh))
+  state = jax.device_put(CLASSIFIER.init_state(model, tx, 0), mesh_lib.replicated(mesh))
   batch = _random_batch(mesh, batch_size, -2, 2)
   rng = jax.random.PRNGKey(0)
   times = time_compiled(make_train_step(model, tx, mesh), (state, batch, rng), steps, mesh,
@@ -157,13 +158,15 @@ def classifier(batch_size: int = 256, steps: int = 20, mesh=None) -> dict:
 def diffusion(batch_size: int = 256, steps: int = 20, mesh=None) -> dict:
   """The paper generator's train step (noising, U-Net forward and backward, Adam, EMA)."""
   from cifarjax import train_diffusion as td
+  from cifarjax.kinds import GENERATOR
   from cifarjax.config import DiffusionConfig
   mesh = mesh or mesh_lib.make_mesh()
   mesh_lib.check_batch_size(batch_size, mesh)
   config = DiffusionConfig(batch_size=batch_size)
   model, schedule = td.make_unet(config, 100), td.make_schedule(config)
   tx, _ = td.make_optimizer(config, 195)
-  state = jax.device_put(td.init_state(model, tx, 0), mesh_lib.replicated(mesh))
+  state = jax.device_put(GENERATOR.init_state(model, tx, 0, ema=True),
+                         mesh_lib.replicated(mesh))
   batch = _random_batch(mesh, batch_size, -1, 1)
   step = td.make_train_step(model, schedule, tx, mesh, config)
   times = time_compiled(step, (state, batch, jax.random.PRNGKey(0)), steps, mesh,
@@ -174,13 +177,14 @@ def diffusion(batch_size: int = 256, steps: int = 20, mesh=None) -> dict:
 def sampler(batch_size: int = 256, steps: int = 2, sample_steps: int = 50, mesh=None) -> dict:
   """One call of the paper generator's `sample_steps`-step DDIM sampler: a batch of images."""
   from cifarjax import train_diffusion as td
+  from cifarjax.kinds import GENERATOR
   from cifarjax.config import DiffusionConfig
   from cifarjax.generate import make_sampler
   mesh = mesh or mesh_lib.make_mesh()
   config = DiffusionConfig()
   model, schedule = td.make_unet(config, 100), td.make_schedule(config)
   tx, _ = td.make_optimizer(config, 195)
-  params = jax.device_put(td.init_state(model, tx, 0).ema_params, mesh_lib.replicated(mesh))
+  params = jax.device_put(GENERATOR.init_state(model, tx, 0).params, mesh_lib.replicated(mesh))
   sample = make_sampler(model, mesh, batch_size, sampler="ddim", steps=sample_steps, guidance=0.0)
   labels = np.arange(batch_size, dtype=np.int32) % 100
   schedule = jax.device_put(schedule, mesh_lib.replicated(mesh))

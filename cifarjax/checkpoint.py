@@ -34,7 +34,8 @@ def manager(workdir, keep: int | None, cleanup: bool = False) -> ocp.CheckpointM
 
 
 def restore_latest(mngr: ocp.CheckpointManager, like):
-  """The latest saved state, laid out (shapes, dtypes, shardings) like `like`; None if none."""
+  """The latest saved state, laid out (shapes, dtypes, shardings) like `like`; None if none.
+  A checkpoint of an earlier layout (`_restore_earlier_layout`) restores too."""
   step = mngr.latest_step()
   if step is None:
     return None
@@ -42,27 +43,40 @@ def restore_latest(mngr: ocp.CheckpointManager, like):
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   except (ValueError, KeyError) as e:
-    try:
-      return _restore_without_unset_fields(mngr, step, like, abstract)
-    except (ValueError, KeyError):
-      pass
+    for renamed in (False, True):
+      try:
+        return _restore_earlier_layout(mngr, step, like, abstract, renamed)
+      except (ValueError, KeyError):
+        pass
     raise ValueError(
         f"checkpoint {mngr.directory}/{step} does not match this model and config "
         f"(is it a checkpoint of the other model?): {e}") from e
 
 
-def _restore_without_unset_fields(mngr, step, like, abstract):
-  """A state whose optional fields (None in `like`, e.g. a classifier's unused weight
-  average) are absent from a checkpoint written before those fields existed. (Whether a
-  field is set is part of a run's config, which a resume cannot change, so a checkpoint
-  never holds a field that `like` leaves unset.)"""
+# The generator's state kept the average of its parameters as `ema_params` (the params
+# alone), where `ema` now holds it as the model's variables, {"params": ...}.
+_EMA_PARAMS = "ema_params"
+
+
+def _restore_earlier_layout(mngr, step, like, abstract, renamed: bool):
+  """A state as an earlier version wrote it: without the optional fields that `like` leaves
+  unset (None, e.g. a classifier's unused weight average, absent from checkpoints written
+  before those fields existed), and where `renamed`, with the average as `ema_params`.
+  (Whether a field is set is part of a run's config, which a resume cannot change, so a
+  checkpoint never holds a field that `like` leaves unset.)"""
   if not dataclasses.is_dataclass(like):
     raise ValueError("not a state dataclass")
   present = [f.name for f in dataclasses.fields(like) if getattr(like, f.name) is not None]
-  if len(present) == len(dataclasses.fields(like)):
+  saved = {name: getattr(abstract, name) for name in present}
+  if renamed:
+    if set(saved.get("ema") or ()) != {"params"}:
+      raise ValueError("no average of the params alone")
+    saved[_EMA_PARAMS] = saved.pop("ema")["params"]
+  elif len(present) == len(dataclasses.fields(like)):
     raise ValueError("no unset fields")
-  restored = mngr.restore(step, args=ocp.args.StandardRestore(
-      {name: getattr(abstract, name) for name in present}))
+  restored = dict(mngr.restore(step, args=ocp.args.StandardRestore(saved)))
+  if renamed:
+    restored["ema"] = {"params": restored.pop(_EMA_PARAMS)}
   for name in present:
     if jax.tree.structure(restored[name]) != jax.tree.structure(getattr(like, name)):
       raise ValueError(f"{name} is laid out otherwise")

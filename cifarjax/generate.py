@@ -16,26 +16,31 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cifarjax import compiler, diffusion, mesh as mesh_lib
+from cifarjax import compiler, diffusion, kinds, mesh as mesh_lib
 from cifarjax.augment import to_model_range, to_uint8
 from cifarjax.errors import UserError, note, writing
-# The checkpoint's state is the trainer's (DiffusionState), so reading one back is its job.
-from cifarjax.train_diffusion import load_trained, make_schedule
+from cifarjax.kinds import make_schedule
+from cifarjax.run import Workdir
 
 
-# Which weights of a DiffusionState to sample: the EMA ones (the default), or the raw
+# Which weights of a generator's state to sample: the EMA ones (the default), or the raw
 # ones the last step left, to see what the average buys.
-SAMPLE_FROM = {"ema": lambda state: state.ema_params, "raw": lambda state: state.params}
+SAMPLE_FROM = {"ema": lambda state: state.ema["params"], "raw": lambda state: state.params}
+
+
+def open_run(workdir) -> Workdir:
+  """The generator run (or exported folder) at a path, or the `run.Workdir` already read."""
+  return Workdir.of(workdir, kinds.GENERATOR)
 
 
 def check_sample_from(sample_from: str, workdir=None) -> str:
   """sample_from, checked to name weights that the workdir (or exported folder) holds."""
-  from cifarjax.run import exported_weights
   if sample_from not in SAMPLE_FROM:
     raise UserError(f"sample_from must be one of {', '.join(SAMPLE_FROM)}, got {sample_from!r}")
-  held = None if workdir is None else exported_weights(workdir)
+  run = None if workdir is None else open_run(workdir)
+  held = None if run is None else run.exported_weights
   if held is not None and held != sample_from:
-    raise UserError(f"{workdir} holds exported {held} weights only, not the {sample_from} "
+    raise UserError(f"{run.path} holds exported {held} weights only, not the {sample_from} "
                     f"ones; sample with --weights-from {held}")
   return sample_from
 
@@ -59,16 +64,6 @@ def check_labels(labels, num_classes: int) -> np.ndarray:
     raise UserError(f"label {int(bad[0])} is outside the model's {num_classes} classes "
                     f"[0, {num_classes - 1}]")
   return labels.astype(np.int32)
-
-
-def saved_run(workdir):
-  """(config, class names) of a generator run, read without loading the model (so that
-  labels and the sampler are checked before a load that takes seconds)."""
-  from cifarjax import runlog
-  from cifarjax.config import DiffusionConfig, load_run_config
-  config = load_run_config(workdir, DiffusionConfig, "generator (train-diffusion) run",
-                           "train-diffusion")
-  return config, tuple(runlog.read_json(pathlib.Path(workdir) / "classes.json"))
 
 
 def check_sampler(config, sampler: str, steps: int | None, eta: float = 0.0,
@@ -145,7 +140,8 @@ def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
              progress: bool = True, trained=None, sample_from: str = "ema",
              clip: str = "static", eta: float = 0.0,
              sampler_kwargs: dict | None = None) -> np.ndarray:
-  """uint8 (N, 32, 32, 3) samples of the workdir's latest checkpoint, one per label.
+  """uint8 (N, 32, 32, 3) samples of the workdir's latest checkpoint (a path or a
+  `run.Workdir`), one per label.
 
   Batches of batch_size (rounded up to a multiple of the device count; the last
   one padded) go through one compiled sampler; batch i uses the key
@@ -156,18 +152,21 @@ def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
   what it refuses comes before the load. sample_from: 'ema' (the EMA weights) or
   'raw' (SAMPLE_FROM). clip: 'static' (the predicted clean images clipped to the data
   range, as DDPM's official sampler), 'dynamic' or 'off' (`diffusion.CLIPS`). trained:
-  `load_trained`'s result, to skip loading it again.
+  (model, state, config, class_names) to sample instead of the workdir's (as
+  `run.load_trained` gives them).
   """
   mesh = mesh or mesh_lib.make_mesh()
-  config, class_names = (trained[2], trained[3]) if trained else saved_run(workdir)
-  check_labels(labels, len(class_names))
-  check_sample_from(sample_from, workdir)  # before a model load that takes seconds
+  run = open_run(workdir)
+  config, class_names = (trained[2], trained[3]) if trained else (run.config, run.class_names)
+  labels = check_labels(labels, len(class_names))
+  check_sample_from(sample_from, run)  # before a model load that takes seconds
   check_clip(clip)
   if sampler == "ddpm" and steps == config.num_timesteps:
     steps = None
   settings = check_sampler(config, sampler, steps, eta, sampler_kwargs)
-  model, state, config, class_names = trained or load_trained(workdir, mesh)
-  labels = check_labels(labels, len(class_names))
+  if not trained:
+    note(f"loading the generator in {run.path}")
+  model, state = trained[:2] if trained else run.trained(mesh)
   params = SAMPLE_FROM[sample_from](state)
   _check_guidance(guidance, config)
   batch_size = -(-min(batch_size, max(len(labels), 1)) // mesh.size) * mesh.size
@@ -221,16 +220,17 @@ def interpolate(workdir, image_a, label_a: int, image_b, label_b: int, frames: i
   """
   alphas = frame_alphas(frames)
   check_clip(clip)
-  check_labels([label_a, label_b], len(saved_run(workdir)[1]))
+  run = open_run(workdir)
+  ends = check_labels([label_a, label_b], len(run.class_names))
   mesh = mesh or mesh_lib.make_mesh()
-  note(f"loading the generator in {workdir}")
-  model, state, config, class_names = load_trained(workdir, mesh)
-  ends = check_labels([label_a, label_b], len(class_names))
+  note(f"loading the generator in {run.path}")
+  model, state = run.trained(mesh)
+  config = run.config
   labels = frame_labels(alphas, *ends)
   schedule = make_schedule(config)
 
   @functools.partial(jax.jit, compiler_options=compiler.options())
-  def run(params, x0, ends, alphas, labels):
+  def invert_and_decode(params, x0, ends, alphas, labels):
     model_fn = _model_fn(model, params)
     z = diffusion.ddim_invert(model_fn, schedule, x0, ends, num_steps=steps,
                               prediction=config.prediction)
@@ -242,7 +242,8 @@ def interpolate(workdir, image_a, label_a: int, image_b, label_b: int, frames: i
   note(f"compiling and running the interpolation: {steps} DDIM steps to invert the two "
        f"images, then {steps} to decode each of {frames} frames (a minute or more on a CPU)")
   t0 = time.perf_counter()
-  images = run(state.ema_params, x0, jnp.asarray(ends), jnp.asarray(alphas), jnp.asarray(labels))
+  images = invert_and_decode(state.ema["params"], x0, jnp.asarray(ends), jnp.asarray(alphas),
+                             jnp.asarray(labels))
   images = to_uint8(jax.device_get(images))
   note(f"interpolated in {time.perf_counter() - t0:.0f} s")
   return images, labels
@@ -281,17 +282,17 @@ def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: st
   there counts training steps) and returns them.
   """
   from cifarjax import fid, registry, runlog
-  workdir = pathlib.Path(workdir)
   if num < 2:
     raise UserError(f"FID needs at least 2 samples, got {num}")
-  check_sample_from(sample_from, workdir)
+  run = open_run(workdir)
+  config, class_names = run.config, run.class_names
+  check_sample_from(sample_from, run)
   check_clip(clip)
-  sampler_kwargs = check_sampler(saved_run(workdir)[0], sampler, steps, eta, sampler_kwargs)
+  sampler_kwargs = check_sampler(config, sampler, steps, eta, sampler_kwargs)
   weights = fid.resolve_weights_path(weights)  # found (or refused) before the model loads
   mesh = mesh or mesh_lib.make_mesh()
-  note(f"loading the generator in {workdir}")
-  trained = load_trained(workdir, mesh)
-  _, state, config, class_names = trained
+  note(f"loading the generator in {run.path}")
+  model, state = run.trained(mesh)
   if reference is None:
     source = f"{config.data} (train split)"
     ref = fid.training_reference_stats(config.data, config.holdout, weights, mesh=mesh,
@@ -300,8 +301,9 @@ def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: st
     source = str(reference)
     ref = fid.reference_stats(reference, "train", weights, mesh=mesh, progress=progress)
   note(f"sampling {num:,} images ({sampler}); then their FID features")
-  images = generate(workdir, default_labels(num, len(class_names)), sampler, steps, guidance,
-                    seed, batch_size, mesh, progress, trained=trained, sample_from=sample_from,
+  images = generate(run, default_labels(num, len(class_names)), sampler, steps, guidance,
+                    seed, batch_size, mesh, progress, trained=(model, state, config, class_names),
+                    sample_from=sample_from,
                     clip=clip, eta=eta, sampler_kwargs=sampler_kwargs)
   value = fid.compute_fid(images, ref, weights, mesh=mesh, progress=progress)
   result = {"fid": float(value), "fid_num": num, "fid_sampler": sampler,
@@ -310,7 +312,7 @@ def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: st
             "fid_sampler_source_sha256": registry.fingerprint(diffusion.SAMPLERS[sampler]),
             "fid_weights_from": sample_from, "fid_clip": clip,
             "fid_reference": source, "fid_step": int(jax.device_get(state.step))}
-  path = workdir / "summary.json"
+  path = run.path / "summary.json"
   if jax.process_index() == 0:
     runlog.write_json(path, {**(runlog.read_json(path) if path.exists() else {}), **result})
   return result

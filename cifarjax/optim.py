@@ -1,8 +1,9 @@
 """Optimisers, learning-rate schedules by name, and the weights' moving average.
 
-`make_optimizer(config, steps_per_epoch) -> (tx, lr_fn)`. The paper's recipe is
-Adam with L2 regularisation added to the gradient (PyTorch's
-`Adam(weight_decay=...)`) and the rate multiplied by lr_decay once per epoch.
+`make_optimizer(config, steps_per_epoch) -> (tx, lr_fn)`, for both models. The paper's
+classifier recipe is Adam with L2 regularisation added to the gradient (PyTorch's
+`Adam(weight_decay=...)`), the generator's plain Adam; both multiply the rate by
+lr_decay once per epoch.
 """
 
 import jax
@@ -43,8 +44,12 @@ OPTIMIZERS = {"adam": adam_l2, "adamw": adamw}
 
 
 def make_optimizer(config, steps_per_epoch: int):
-  """(optax transformation, learning-rate schedule) of a ClassifierConfig."""
-  lr = LR_SCHEDULES[config.lr_schedule](config, steps_per_epoch)
+  """(optax transformation, learning-rate schedule) of a run's config: its lr_schedule and its
+  optimizer with its weight_decay where it names them (a ClassifierConfig); else (a
+  DiffusionConfig) the generator's recipe, plain Adam with the exponential schedule."""
+  lr = LR_SCHEDULES[getattr(config, "lr_schedule", "exponential")](config, steps_per_epoch)
+  if not hasattr(config, "optimizer"):
+    return optax.adam(lr), lr
   return OPTIMIZERS[config.optimizer](config.weight_decay, lr), lr
 
 

@@ -1,52 +1,24 @@
-"""Training and evaluating the paper's classifier: state, jitted steps, and the run.
+"""Training and evaluating the paper's classifier: its loss, its evaluation and its run.
 
-`train_step(state, batch, rng) -> (state, metrics)` is compiled once with
-`jax.jit` over a 1-D data mesh: the state replicated and donated, the batch
-split over devices. BatchNorm statistics are taken over the whole global batch
-(XLA inserts the cross-device reductions), so 1 device and 8 give the same step.
+The state, the jitted step and reading a run back are shared with the generator
+(`trainer`, `run.Workdir`); the step is `trainer.make_train_step` over `train_loss`.
 """
 
 import functools
-import pathlib
-from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cifarjax import augment, compiler, loop, mesh as mesh_lib, registry, run as run_lib, runlog
-from cifarjax import optim
+from cifarjax import augment, compiler, kinds, loop, mesh as mesh_lib, run as run_lib, runlog
+from cifarjax import trainer
 from cifarjax.optim import make_optimizer
 from cifarjax.config import ClassifierConfig
-from cifarjax.data import Split, load_split, with_class_order
-from cifarjax import models
+from cifarjax.data import load_split, with_class_order
 from cifarjax.models import count_params
-
-
-@flax.struct.dataclass
-class ClassifierState:
-  step: jax.Array  # int32 scalar
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array  # uint32 (2,) base key: data order, augmentation and dropout derive from it
-  # {"params", "batch_stats"} averaged over steps (ClassifierConfig.ema_decay), or None
-  ema: Any = None
-
-
-def init_state(model: nn.Module, tx, seed: int, image_shape=(32, 32, 3),
-               ema: bool = False) -> ClassifierState:
-  """ema: also keep a moving average of the weights (starting at the initial ones)."""
-  rng = jax.random.PRNGKey(seed)
-  variables = model.init(jax.random.fold_in(rng, 2), jnp.zeros((1, *image_shape)), train=False)
-  params = variables["params"]
-  averaged = {"params": params, "batch_stats": variables["batch_stats"]}
-  return ClassifierState(step=jnp.zeros((), jnp.int32), params=params,
-                         batch_stats=variables["batch_stats"], opt_state=tx.init(params), rng=rng,
-                         ema=jax.tree.map(jnp.copy, averaged) if ema else None)
+from cifarjax.trainer import TrainState, put_split
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
@@ -58,50 +30,32 @@ def cross_entropy(logits, labels, label_smoothing: float = 0.0):
   return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-def make_train_step(model: nn.Module, tx, mesh, config: ClassifierConfig = ClassifierConfig()):
-  """The jitted step; from config it reads label_smoothing and ema_decay (the rest of the
-  recipe is in tx and in the batches)."""
-  replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+def train_loss(model: nn.Module, config: ClassifierConfig = ClassifierConfig()):
+  """loss_fn(params, batch_stats, batch, rng) -> (loss, (batch_stats, {"accuracy"})), as
+  `trainer.make_train_step` takes it: cross-entropy (with the config's label_smoothing) of
+  the model in training mode, rng its dropout key, the batch's BatchNorm statistics
+  updated."""
 
-  def train_step(state: ClassifierState, batch, rng):
+  def loss_fn(params, batch_stats, batch, rng):
     images, labels = batch
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True,
+        rngs={"dropout": rng}, mutable=["batch_stats"])
+    loss = cross_entropy(logits, labels, config.label_smoothing)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return loss, (updates["batch_stats"], {"accuracy": accuracy})
 
-    def loss_fn(params):
-      logits, updates = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-          rngs={"dropout": rng}, mutable=["batch_stats"])
-      loss = cross_entropy(logits, labels, config.label_smoothing)
-      return loss, (logits, updates["batch_stats"])
+  return loss_fn
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema
-    if config.ema_decay:
-      ema = optim.ema_update(ema, {"params": params, "batch_stats": batch_stats}, state.step,
-                              config.ema_decay)
-    state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                          opt_state=opt_state, ema=ema)
-    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-    return state, metrics
 
-  return jax.jit(train_step, in_shardings=(replicated, sharded, replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=0,
-                 compiler_options=compiler.options())
+def make_train_step(model: nn.Module, tx, mesh, config: ClassifierConfig = ClassifierConfig()):
+  """`trainer.make_train_step` over `train_loss`, averaging with the config's ema_decay."""
+  return trainer.make_train_step(train_loss(model, config), tx, mesh, config.ema_decay)
 
 
 def make_draw(images, labels, config: ClassifierConfig, mesh):
   """`loop.make_draw` with the config's augmentations, normalised for the classifier."""
   return loop.make_draw(images, labels, config.batch_size, config.augment, augment.normalize, mesh)
-
-
-def put_split(data: Split, mesh, pad_to: int = 1):
-  """The split's images and labels on every device, padded to a multiple of pad_to."""
-  n = len(data)
-  pad = -n % pad_to
-  images = np.concatenate([data.images, np.zeros((pad, *data.images.shape[1:]), np.uint8)])
-  labels = np.concatenate([data.labels, np.zeros((pad,), data.labels.dtype)]).astype(np.int32)
-  return jax.device_put((images, labels), mesh_lib.replicated(mesh))
 
 
 def log_probs(model: nn.Module, variables, images, flip: bool = False):
@@ -154,7 +108,7 @@ def evaluated_weights(config: ClassifierConfig) -> str:
   return "ema" if config.ema_decay else "raw"
 
 
-def weights_of(state: ClassifierState, weights: str):
+def weights_of(state: TrainState, weights: str):
   """(params, batch_stats) to evaluate: the trained ones ("raw") or their average ("ema")."""
   if weights == "raw":
     return state.params, state.batch_stats
@@ -164,14 +118,6 @@ def weights_of(state: ClassifierState, weights: str):
 def train_eval_indices(n: int, size: int) -> np.ndarray:
   """The fixed subset of train scored for train accuracy (the same in every run)."""
   return np.sort(np.random.default_rng(0).permutation(n)[:min(size, n)])
-
-
-def make_model(config: ClassifierConfig, num_classes: int) -> nn.Module:
-  """The network `config.model` names in `models.CLASSIFIERS`, built with the config's layer
-  set and the entry's settings (model_kwargs); what the factory raises is a UserError naming it."""
-  with registry.entry_errors(f"classifier {config.model!r}"):
-    return models.CLASSIFIERS[config.model](num_classes, config.dropout,
-                                            models.layer_set(config.layers), **config.model_kwargs)
 
 
 def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None = None,
@@ -200,13 +146,14 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
   note(f"{len(train_data):,} training and {len(test_data):,} test images of "
        f"{train_data.num_classes} classes; initialising the model (seconds to a minute)")
   model_name = config.model if model is None else type(model).__name__
-  model = model or make_model(config, train_data.num_classes)
+  model = model or kinds.make_classifier(config, train_data.num_classes)
   run_lib.write_start(workdir, config, train_data.class_names)
 
   steps_per_epoch = len(train_data) // config.batch_size
   tx, lr_fn = make_optimizer(config, steps_per_epoch)
-  state = jax.device_put(init_state(model, tx, config.seed, ema=config.ema_decay > 0),
-                         mesh_lib.replicated(mesh))
+  state = kinds.CLASSIFIER.init_state(model, tx, config.seed,
+                                      ema=kinds.CLASSIFIER.keeps_average(config))
+  state = jax.device_put(state, mesh_lib.replicated(mesh))
   train_images, train_labels = put_split(train_data, mesh)
   subset = train_data.take(train_eval_indices(len(train_data), config.train_eval_size))
   eval_sets = {name: (put_split(d, mesh, config.eval_batch_size), len(d))
@@ -245,25 +192,9 @@ def train(config: ClassifierConfig, workdir, mesh=None, model: nn.Module | None 
 
 def load_trained(workdir, mesh=None, model: nn.Module | None = None):
   """(model, state, config, class_names) of the latest checkpoint in a classifier workdir:
-  the network its config names, or `model` where it was trained with a custom one."""
-  workdir = pathlib.Path(workdir)
-  config, class_names = run_lib.read_run(workdir, ClassifierConfig, "train-classifier")
-  mesh = mesh or mesh_lib.make_mesh()
-  custom = model is not None
-  model = model or make_model(config, len(class_names))
-  tx, _ = make_optimizer(config, 1)
-  like = jax.device_put(init_state(model, tx, config.seed, ema=config.ema_decay > 0),
-                        mesh_lib.replicated(mesh))
-  summary = workdir / "summary.json"
-  trained = runlog.read_json(summary).get("model") if summary.is_file() else None
-  what = (f"the model passed ({type(model).__name__})" if custom else
-          f"the {config.model!r} classifier for {len(class_names)} classes")
-  hint = (f"the run trained a custom model ({trained}); " if trained not in
-          (None, config.model, "paper_classifier") else "was it trained with a custom model? ")
-  state = run_lib.restore_latest(
-      workdir, like, f"the checkpoint in {workdir}/checkpoints does not fit {what}: {hint}load "
-      f"it from Python with cifarjax.train_classifier.load_trained(workdir, model=<that model>)")
-  return model, state, config, class_names
+  the network its config names, or `model` where it was trained with a custom one
+  (`run.load_trained`)."""
+  return run_lib.load_trained(workdir, kinds.CLASSIFIER, mesh, model)
 
 
 def evaluate_workdir(workdir, data: str | None = None, split: str = "test",

@@ -1,73 +1,30 @@
-"""Training the paper's generator: state, jitted step, and the run (Part 2, section 4).
+"""Training the paper's generator: its loss, its evaluation and its run (Part 2, section 4).
 
-The same pattern as the classifier's: `train_step(state, batch, rng)` is
-compiled once over the 1-D data mesh, the state replicated and donated, the
-batch split over devices; `draw` picks and flips the batch on the device.
-A step noises each image to a uniformly drawn timestep, regresses the noise
-(DDPM's simplified loss; or v, or min-SNR weighted, as DiffusionConfig says),
-applies Adam, and moves the EMA weights.
+The state, the jitted step and reading a run back are shared with the classifier
+(`trainer`, `run.Workdir`); the step is `trainer.make_train_step` over `train_loss`,
+and `draw` picks and flips the batch on the device. A step noises each image to a
+uniformly drawn timestep, regresses the noise (DDPM's simplified loss; or v, or
+min-SNR weighted, as DiffusionConfig says), applies Adam, and moves the EMA weights.
 """
 
 import functools
-from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from cifarjax import (augment, compiler, config as config_lib, diffusion, loop, mesh as mesh_lib,
-                      optim, registry, run as run_lib, runlog)
+from cifarjax import (augment, compiler, config as config_lib, diffusion, kinds, loop,
+                      mesh as mesh_lib, registry, run as run_lib, runlog, trainer)
 from cifarjax.config import DiffusionConfig
 from cifarjax.data import Split, load_split, with_class_order
-from cifarjax import models
+from cifarjax.kinds import make_schedule, make_unet
 from cifarjax.models import count_params
-from cifarjax.models.unet import UNet
-
-@flax.struct.dataclass
-class DiffusionState:
-  step: jax.Array  # int32 scalar
-  params: Any
-  ema_params: Any  # what sampling uses; see DiffusionConfig.ema_decay
-  opt_state: Any
-  rng: jax.Array  # uint32 (2,) base key: data order, flips, timesteps and noise derive from it
+from cifarjax.optim import make_optimizer
+from cifarjax.trainer import put_split
 
 
-def make_unet(config: DiffusionConfig, num_classes: int) -> UNet:
-  """The network `config.unet` names in `models.UNETS`, built with the config's layer set and
-  the entry's settings (unet_kwargs)."""
-  with registry.entry_errors(f"U-Net {config.unet!r}"):
-    return models.UNETS[config.unet](num_classes, config.num_timesteps,
-                                     models.layer_set(config.layers), **config.unet_kwargs)
-
-
-def make_schedule(config: DiffusionConfig) -> diffusion.Schedule:
-  """The config's noise schedule (a name in `diffusion.SCHEDULES`), with its settings
-  (schedule_kwargs); what the schedule raises is a UserError naming it."""
-  with registry.entry_errors(f"schedule {config.schedule!r}"):
-    return diffusion.make_schedule(config.schedule, config.num_timesteps,
-                                   config.schedule_kwargs)
-
-
-def make_optimizer(config: DiffusionConfig, steps_per_epoch: int):
-  """Adam, its learning rate decayed by lr_decay once per epoch."""
-  lr = optax.exponential_decay(config.learning_rate, transition_steps=steps_per_epoch,
-                               decay_rate=config.lr_decay, staircase=True)
-  return optax.adam(lr), lr
-
-
-def init_state(model: UNet, tx, seed: int, image_shape=(32, 32, 3)) -> DiffusionState:
-  rng = jax.random.PRNGKey(seed)
-  params = model.init(jax.random.fold_in(rng, 2), jnp.zeros((1, *image_shape)),
-                      jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
-  return DiffusionState(step=jnp.zeros((), jnp.int32), params=params,
-                        ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
-                        rng=rng)
-
-
-def make_loss(model: UNet, schedule, config: DiffusionConfig):
+def make_loss(model: nn.Module, schedule, config: DiffusionConfig):
   """loss(params, images, labels, rng): `diffusion.training_loss` with the config's
   prediction and loss weighting (by default the paper's: eps, unweighted). The weighting
   is traced once here (`jax.eval_shape`), so that what it raises comes as a UserError
@@ -85,27 +42,26 @@ def make_loss(model: UNet, schedule, config: DiffusionConfig):
   return loss
 
 
-def make_train_step(model: UNet, schedule, tx, mesh, config: DiffusionConfig):
-  replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharded(mesh)
+def train_loss(model: nn.Module, schedule, config: DiffusionConfig):
+  """loss_fn(params, batch_stats, batch, rng) -> (loss, (batch_stats, {})), as
+  `trainer.make_train_step` takes it: `make_loss` of the batch, its labels first replaced
+  by the null label (model.num_classes) with probability config.label_dropout."""
   null_label = model.num_classes
-  loss_fn = make_loss(model, schedule, config)
+  loss = make_loss(model, schedule, config)
 
-  def train_step(state: DiffusionState, batch, rng):
+  def loss_fn(params, batch_stats, batch, rng):
     images, labels = batch
     drop_key, loss_key = jax.random.split(rng)
     if config.label_dropout:
       labels = diffusion.drop_labels(drop_key, labels, null_label, config.label_dropout)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, images, labels, loss_key)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                          ema_params=optim.ema_update(state.ema_params, params, state.step,
-                                                          config.ema_decay))
-    return state, {"loss": loss}
+    return loss(params, images, labels, loss_key), (batch_stats, {})
 
-  return jax.jit(train_step, in_shardings=(replicated, sharded, replicated),
-                 out_shardings=(replicated, replicated), donate_argnums=0,
-                 compiler_options=compiler.options())
+  return loss_fn
+
+
+def make_train_step(model: nn.Module, schedule, tx, mesh, config: DiffusionConfig):
+  """`trainer.make_train_step` over `train_loss`, averaging with the config's ema_decay."""
+  return trainer.make_train_step(train_loss(model, schedule, config), tx, mesh, config.ema_decay)
 
 
 def make_draw(images, labels, config: DiffusionConfig, mesh):
@@ -115,7 +71,7 @@ def make_draw(images, labels, config: DiffusionConfig, mesh):
                         lambda x: x * 2.0 - 1.0, mesh)
 
 
-def make_evaluate(model: UNet, schedule, images, labels, config: DiffusionConfig, mesh):
+def make_evaluate(model: nn.Module, schedule, images, labels, config: DiffusionConfig, mesh):
   """evaluate(state) -> {eval_loss, ema_loss}: the training loss (`make_loss`) of the raw
   and the EMA weights on a fixed batch of training images at fixed timesteps and noise, so
   the numbers of different steps compare without sampling noise (sampling quality needs
@@ -133,7 +89,7 @@ def make_evaluate(model: UNet, schedule, images, labels, config: DiffusionConfig
     return loss_fn(params, x, y, key), loss_fn(ema_params, x, y, key)
 
   def evaluate(state):
-    loss, ema_loss = jax.device_get(losses(state.params, state.ema_params, *batch))
+    loss, ema_loss = jax.device_get(losses(state.params, state.ema["params"], *batch))
     return {"eval_loss": float(loss), "ema_loss": float(ema_loss)}
 
   return evaluate
@@ -152,10 +108,6 @@ def load_training_data(config: DiffusionConfig) -> Split:
   splits = [with_class_order(s, class_names) for s in splits]
   return Split(images=np.concatenate([s.images for s in splits]),
                labels=np.concatenate([s.labels for s in splits]), class_names=class_names)
-
-
-def put_split(data, mesh):
-  return jax.device_put((data.images, data.labels.astype(np.int32)), mesh_lib.replicated(mesh))
 
 
 def train(config: DiffusionConfig, workdir, mesh=None, model: nn.Module | None = None,
@@ -186,7 +138,9 @@ def train(config: DiffusionConfig, workdir, mesh=None, model: nn.Module | None =
   train_step = make_train_step(model, schedule, tx, mesh, config)  # traces the loss weighting
   run_lib.write_start(workdir, config, train_data.class_names)
 
-  state = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
+  state = kinds.GENERATOR.init_state(model, tx, config.seed,
+                                     ema=kinds.GENERATOR.keeps_average(config))
+  state = jax.device_put(state, mesh_lib.replicated(mesh))
   images, labels = put_split(train_data, mesh)
   state, final_eval, seconds = loop.run(
       workdir, state, draw=make_draw(images, labels, config, mesh),
@@ -210,40 +164,7 @@ def train(config: DiffusionConfig, workdir, mesh=None, model: nn.Module | None =
 
 
 def load_trained(workdir, mesh=None, model: nn.Module | None = None):
-  """(model, state, config, class_names) of the latest checkpoint in a generator workdir:
-  the network its config names, or `model` where it was trained with a custom one.
-
-  From an exported folder (`run.export_weights`), both params and ema_params hold the
-  exported weights and step the exported step; the optimizer state is a fresh one.
-  """
-  config, class_names = run_lib.read_run(workdir, DiffusionConfig, "train-diffusion")
-  mesh = mesh or mesh_lib.make_mesh()
-  what = (f"the model passed ({type(model).__name__})" if model is not None else
-          f"the {config.unet!r} U-Net for {len(class_names)} classes that its config.json "
-          f"describes (written by another version of cifarjax, or trained with a custom model?)")
-  model = model or make_unet(config, len(class_names))
-  tx, _ = make_optimizer(config, 1)
-  like = jax.device_put(init_state(model, tx, config.seed), mesh_lib.replicated(mesh))
-  mismatch = f"the weights in {workdir} do not fit {what}"
-  if run_lib.is_export(workdir):
-    params, step, _ = run_lib.load_exported(workdir, like.params, mismatch)
-    return model, like.replace(params=params, ema_params=params,
-                               step=jax.device_put(jnp.int32(step), like.step.sharding)), \
-        config, class_names
-  state = run_lib.restore_latest(workdir, like,
-                                 f"the checkpoint in {workdir}/checkpoints does not fit {what}")
-  return model, state, config, class_names
-
-
-def export(workdir, out, weights_from: str = "ema"):
-  """Writes the latest checkpoint's averaged ("ema") or raw weights to the folder `out`
-  (`run.export_weights`), which `load_trained`, `generate`, `interpolate` and
-  `evaluate_fid` read like a workdir. Returns the step exported."""
-  from cifarjax.errors import UserError
-  if weights_from not in ("ema", "raw"):
-    raise UserError(f"weights must be ema or raw, got {weights_from!r}")
-  _, state, _, _ = load_trained(workdir)
-  step = int(jax.device_get(state.step))
-  run_lib.export_weights(workdir, out, state.ema_params if weights_from == "ema" else state.params,
-                         step, weights_from)
-  return step
+  """(model, state, config, class_names) of the latest checkpoint in a generator workdir,
+  or of an exported folder (`run.export_weights`): the network its config names, or
+  `model` where it was trained with a custom one (`run.load_trained`)."""
+  return run_lib.load_trained(workdir, kinds.GENERATOR, mesh, model)

@@ -77,7 +77,8 @@ CONFIG = ClassifierConfig(data="synthetic", steps=2, batch_size=16, log_every=1,
 
 def step():
   from cifarjax.data import load_split
-  from cifarjax.train_classifier import (init_state, make_draw, make_optimizer, make_train_step,
+  from cifarjax.kinds import CLASSIFIER
+  from cifarjax.train_classifier import (make_draw, make_optimizer, make_train_step,
                                          put_split)
   mesh = mesh_lib.make_mesh()
   config = CONFIG
@@ -86,7 +87,7 @@ def step():
   tx, _ = make_optimizer(config, len(data) // config.batch_size)
   # Every process holds the same host values; device_put to a replicated sharding over
   # all processes' devices places each process's copy on its own devices.
-  state = jax.device_put(init_state(model, tx, seed=0), mesh_lib.replicated(mesh))
+  state = jax.device_put(CLASSIFIER.init_state(model, tx, 0), mesh_lib.replicated(mesh))
   # The whole split is replicated and `draw` cuts the global batch inside jit: each process's
   # devices compute their own shard of it. This is what `make_array_from_process_local_data`
   # would give from per-process host batches, with no host input pipeline to keep in step.
@@ -104,6 +105,7 @@ def step():
 
 def diffusion():
   from cifarjax import train_diffusion as td
+  from cifarjax.kinds import GENERATOR
   from cifarjax.config import DiffusionConfig
   from cifarjax.data.synthetic import load_synthetic
   mesh = mesh_lib.make_mesh()
@@ -111,7 +113,8 @@ def diffusion():
   data = load_synthetic("test")
   model, schedule = td.make_unet(config, data.num_classes), td.make_schedule(config)
   tx, _ = td.make_optimizer(config, len(data) // config.batch_size)
-  state = jax.device_put(td.init_state(model, tx, seed=0), mesh_lib.replicated(mesh))
+  state = jax.device_put(GENERATOR.init_state(model, tx, 0, ema=True),
+                         mesh_lib.replicated(mesh))
   draw = td.make_draw(*td.put_split(data, mesh), config, mesh)
   batch, rng = draw(state)
   state, metrics = td.make_train_step(model, schedule, tx, mesh, config)(state, batch, rng)
@@ -120,7 +123,7 @@ def diffusion():
   grads = adam_gradient(state.opt_state)
   if jax.process_index() == 0:
     np.savez(out / "diffusion.npz", batch=images, labels=labels, loss=np.array([loss]),
-             **flat({"params": state.params, "ema_params": state.ema_params}),
+             **flat({"params": state.params, "ema_params": state.ema["params"]}),
              **grads)
 
 

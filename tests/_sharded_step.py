@@ -59,12 +59,13 @@ def classifier(data):
   from cifarjax.config import ClassifierConfig
   from cifarjax.models import paper_classifier
   from cifarjax.models.layer_sets import xla_cpu_layers
-  from cifarjax.train_classifier import (init_state, make_draw, make_optimizer, make_train_step,
+  from cifarjax.kinds import CLASSIFIER
+  from cifarjax.train_classifier import (make_draw, make_optimizer, make_train_step,
                                          put_split)
   config = ClassifierConfig(batch_size=16, dropout=0.4)
   model = paper_classifier(data.num_classes, dropout_rate=config.dropout)
   tx, _ = make_optimizer(config, len(data) // config.batch_size)
-  host_state = jax.device_get(init_state(model, tx, seed=0))
+  host_state = jax.device_get(CLASSIFIER.init_state(model, tx, 0))
 
   def run(mesh):
     state = jax.device_put(host_state, mesh_lib.replicated(mesh))
@@ -80,17 +81,18 @@ def classifier(data):
 def diffusion(data):
   from cifarjax.config import DiffusionConfig
   from cifarjax import train_diffusion as td
+  from cifarjax.kinds import GENERATOR
   config = DiffusionConfig(batch_size=16, unet="tiny", num_timesteps=100, label_dropout=0.2)
   model, schedule = td.make_unet(config, data.num_classes), td.make_schedule(config)
   tx, _ = td.make_optimizer(config, len(data) // config.batch_size)
-  host_state = jax.device_get(td.init_state(model, tx, seed=0))
+  host_state = jax.device_get(GENERATOR.init_state(model, tx, 0, ema=True))
 
   def run(mesh):
     state = jax.device_put(host_state, mesh_lib.replicated(mesh))
     return (state, td.make_draw(*td.put_split(data, mesh), config, mesh),
             td.make_train_step(model, schedule, tx, mesh, config))
 
-  return run, lambda s: {**flat("params", s.params), **flat("ema_params", s.ema_params)}
+  return run, lambda s: {**flat("params", s.params), **flat("ema_params", s.ema["params"])}
 
 
 def main():

@@ -200,12 +200,13 @@ def test_the_generators_train_step_has_a_flop_count():
   2.5-4x the forward pass's (backward ~2x forward, plus the optimizer)."""
   import jax
   from cifarjax import mesh as mesh_lib, train_diffusion as td
+  from cifarjax.kinds import GENERATOR
   from cifarjax.config import DiffusionConfig
   mesh = mesh_lib.make_mesh()
   config = DiffusionConfig(batch_size=8, unet="tiny")
   model, schedule = td.make_unet(config, 10), td.make_schedule(config)
   tx, _ = td.make_optimizer(config, 195)
-  state = jax.device_put(td.init_state(model, tx, 0), mesh_lib.replicated(mesh))
+  state = jax.device_put(GENERATOR.init_state(model, tx, 0, ema=True), mesh_lib.replicated(mesh))
   batch = bench._random_batch(mesh, 8, -1, 1)
   step = td.make_train_step(model, schedule, tx, mesh, config)
   train_flops = bench.compiled_flops(step.lower(state, batch, jax.random.PRNGKey(0)).compile(), 1)

@@ -17,7 +17,8 @@ from cifarjax import checkpoint, mesh as mesh_lib, optim
 from cifarjax.config import CLASSIFIER_PRESETS, ClassifierConfig
 from cifarjax.errors import UserError
 from cifarjax.models import Classifier
-from cifarjax.train_classifier import (cross_entropy, evaluate_workdir, init_state,
+from cifarjax.kinds import CLASSIFIER
+from cifarjax.train_classifier import (cross_entropy, evaluate_workdir,
                                        load_trained, log_probs, make_optimizer, make_train_step,
                                        train)
 
@@ -83,8 +84,8 @@ def test_train_step_averages_the_new_weights_and_statistics_and_trains_as_withou
   rng = np.random.default_rng(0)
   batch = (jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32),
            jnp.asarray(rng.integers(0, 10, 8), jnp.int32))
-  state = init_state(SMALL, tx, 0, ema=True)
-  plain = init_state(SMALL, tx, 0)
+  state = CLASSIFIER.init_state(SMALL, tx, 0, ema=True)
+  plain = CLASSIFIER.init_state(SMALL, tx, 0)
   # The step donates its state: keep host copies.
   want = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
   for t in range(3):
@@ -159,7 +160,7 @@ def test_improved_run_resumes_exactly_and_evaluates_its_average_mirrored(tmp_pat
 
 
 @flax.struct.dataclass
-class _StateBeforeTheAverage:  # ClassifierState as checkpoints were written before `ema`
+class _StateBeforeTheAverage:  # the classifier's state as checkpoints were written before `ema`
   step: jax.Array
   params: dict
   batch_stats: dict
@@ -169,7 +170,7 @@ class _StateBeforeTheAverage:  # ClassifierState as checkpoints were written bef
 
 def test_a_checkpoint_from_before_the_weight_average_still_restores(tmp_path):
   tx, _ = make_optimizer(ClassifierConfig(), 1)
-  state = init_state(SMALL, tx, 0)
+  state = CLASSIFIER.init_state(SMALL, tx, 0)
   old = _StateBeforeTheAverage(**{f.name: getattr(state, f.name)
                                   for f in dataclasses.fields(_StateBeforeTheAverage)})
   mngr = checkpoint.manager(tmp_path, keep=None)
@@ -179,4 +180,4 @@ def test_a_checkpoint_from_before_the_weight_average_still_restores(tmp_path):
   assert restored.ema is None
   chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
   with pytest.raises(ValueError, match="does not match"):  # an average it lacks is not made up
-    checkpoint.load_latest(tmp_path, init_state(SMALL, tx, 0, ema=True))
+    checkpoint.load_latest(tmp_path, CLASSIFIER.init_state(SMALL, tx, 0, ema=True))

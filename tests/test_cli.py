@@ -24,9 +24,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifarjax import checkpoint, cli, config as config_lib, runlog
+from cifarjax import checkpoint, cli, config as config_lib, run as run_lib, runlog
 from cifarjax.config import (CLASSIFIER_PRESETS, DIFFUSION_PRESETS, ClassifierConfig,
                              DiffusionConfig)
+from cifarjax.kinds import CLASSIFIER, GENERATOR
 
 
 def call(*argv):
@@ -109,7 +110,8 @@ def generator_dir(tmp_path_factory):
   runlog.write_json(workdir / "classes.json", [f"class_{i}" for i in range(10)])
   tx, _ = td.make_optimizer(config, 1)
   mngr = checkpoint.manager(workdir, None)
-  checkpoint.save(mngr, 0, td.init_state(td.make_unet(config, 10), tx, config.seed))
+  checkpoint.save(mngr, 0, GENERATOR.init_state(td.make_unet(config, 10), tx, config.seed,
+                                               ema=True))
   mngr.close()
   return workdir
 
@@ -233,8 +235,8 @@ def test_eval_diffusion_names_its_reference_and_leaves_out_the_held_out_images(
   config = DiffusionConfig(data=str(data), holdout=10, unet="tiny", num_timesteps=10)
   config_lib.save_json(config, workdir / "config.json")
   runlog.write_json(workdir / "classes.json", [f"class_{i}" for i in range(5)])
-  monkeypatch.setattr(generate, "load_trained", lambda workdir, mesh: (
-      None, SimpleNamespace(step=7), config, tuple(f"class_{i}" for i in range(5))))
+  monkeypatch.setattr(run_lib.Workdir, "trained",
+                      lambda run, mesh: (None, SimpleNamespace(step=7)))
   monkeypatch.setattr(generate, "generate", lambda workdir, labels, *a, **k: np.zeros(
       (len(labels), 32, 32, 3), np.uint8))
 
@@ -377,7 +379,7 @@ def test_a_custom_model_checkpoint_gives_a_short_error(tmp_path):
   runlog.write_json(tmp_path / "summary.json", {"model": "Small"})
   tx, _ = tc.make_optimizer(config, 1)
   mngr = checkpoint.manager(tmp_path, None)
-  checkpoint.save(mngr, 1, tc.init_state(Small(), tx, 0))
+  checkpoint.save(mngr, 1, CLASSIFIER.init_state(Small(), tx, 0))
   mngr.close()
   code, _, err = call("eval-classifier", "--workdir", tmp_path)
   line = error_of(err, "eval-classifier")
@@ -411,7 +413,7 @@ def test_labels_and_steps_are_checked_before_the_model_loads(generator_dir, tmp_
   from cifarjax import generate
   def no_load(*args, **kwargs):
     raise AssertionError("the model must not load for a bad flag")
-  monkeypatch.setattr(generate, "load_trained", no_load)
+  monkeypatch.setattr(run_lib.Workdir, "trained", no_load)
   code, _, err = call("sample", "--workdir", generator_dir, "--num", 2, "--labels", "3,99",
                       "--out", tmp_path / "x.npz")
   assert code == 2 and "label 99 is outside the model's 10 classes" in error_of(err, "sample")
@@ -453,18 +455,17 @@ def test_sampling_counts_denoising_steps(generator_dir, tmp_path):
     assert f"sample ({sampler}): 100%" in err and f"| {shown} [" in err
 
 
-@pytest.mark.parametrize("command,module", [("eval-classifier", "train_classifier"),
-                                            ("sample", "train_diffusion")])
+@pytest.mark.parametrize("command", ["eval-classifier", "sample"])
 def test_a_run_without_a_checkpoint_is_refused_before_its_model_is_built(tmp_path, monkeypatch,
-                                                                         command, module):
-  import importlib
+                                                                         command):
+  from cifarjax import trainer
   config = (ClassifierConfig(data="synthetic") if command == "eval-classifier" else
             DiffusionConfig(data="synthetic", unet="tiny", num_timesteps=10))
   config_lib.save_json(config, tmp_path / "config.json")
   runlog.write_json(tmp_path / "classes.json", [f"class_{i}" for i in range(10)])
   def no_model(*args, **kwargs):
     raise AssertionError("no model is built for a run without a checkpoint")
-  monkeypatch.setattr(importlib.import_module(f"cifarjax.{module}"), "init_state", no_model)
+  monkeypatch.setattr(trainer, "init_state", no_model)
   extra = ("--num", 2, "--out", tmp_path / "x.npz") if command == "sample" else ()
   code, _, err = call(command, "--workdir", tmp_path, *extra)
   assert code == 2

@@ -381,10 +381,12 @@ def test_entry_points_register_variants_for_every_command(folder, monkeypatch, c
 def untrained_generator(workdir, config):
   """A generator workdir as train-diffusion starts one, holding an untrained checkpoint."""
   from cifarjax import train_diffusion as td
+  from cifarjax.kinds import GENERATOR
   run_lib.write_start(workdir, config_lib.validate(config), [f"class_{i}" for i in range(10)])
   tx, _ = td.make_optimizer(config, 1)
   manager = checkpoint.manager(workdir, None)
-  checkpoint.save(manager, 0, td.init_state(td.make_unet(config, 10), tx, config.seed))
+  checkpoint.save(manager, 0, GENERATOR.init_state(td.make_unet(config, 10), tx, config.seed,
+                                                   ema=True))
   manager.close()
   return workdir
 

@@ -15,8 +15,9 @@ from cifarjax import cli, config as config_lib, loop, mesh as mesh_lib, registry
 from cifarjax.config import ClassifierConfig
 from cifarjax.data.synthetic import load_synthetic
 from cifarjax.models import paper_classifier
-from cifarjax.train_classifier import (evaluate_workdir, init_state, load_trained, make_draw,
-                                       make_optimizer, make_train_step, train)
+from cifarjax.kinds import CLASSIFIER
+from cifarjax.train_classifier import (evaluate_workdir, load_trained, make_draw, make_optimizer,
+                                       make_train_step, train)
 
 from _traces import loop_traces
 
@@ -114,7 +115,7 @@ def test_overfits_a_small_batch():
   model = paper_classifier(num_classes=10)
   config = ClassifierConfig(learning_rate=0.01)
   tx, _ = make_optimizer(config, steps_per_epoch=1000)
-  state = jax.device_put(init_state(model, tx, seed=0), mesh_lib.replicated(mesh))
+  state = jax.device_put(CLASSIFIER.init_state(model, tx, 0), mesh_lib.replicated(mesh))
   rng = np.random.default_rng(0)
   batch = (jnp.asarray(rng.normal(size=(16, 32, 32, 3)), jnp.float32),
            jnp.asarray(rng.integers(0, 10, 16), jnp.int32))  # random labels: only memorising fits
@@ -219,7 +220,7 @@ def test_unrolled_single_step_is_the_rolled_one_up_to_rounding(tmp_path):
   step = make_train_step(model, tx, mesh)
   out = {}
   for rolled in (True, False):
-    state = jax.device_put(init_state(model, tx, 0), mesh_lib.replicated(mesh))
+    state = jax.device_put(CLASSIFIER.init_state(model, tx, 0), mesh_lib.replicated(mesh))
     state, metrics = loop.fuse_steps(draw, step, 1, state, rolled=rolled)(state)
     out[rolled] = jax.device_get((state.step, state.rng, metrics["loss"][0]))
   assert out[True][0] == out[False][0] == 1

@@ -10,6 +10,7 @@ import json
 import re
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,12 +19,13 @@ from PIL import Image
 
 from cifarjax import (augment, cli, config as config_lib, diffusion, generate, image_grid,
                       mesh as mesh_lib)
-from cifarjax import runlog
+from cifarjax import checkpoint, runlog
 from cifarjax import train_diffusion as td
 from cifarjax.commands import diffusion as diffusion_commands
 from cifarjax.config import DIFFUSION_PRESETS, ClassifierConfig, DiffusionConfig
 from cifarjax.data.synthetic import load_synthetic
 from cifarjax.errors import UserError
+from cifarjax.kinds import GENERATOR
 
 from _traces import loop_traces
 
@@ -88,8 +90,45 @@ def test_exact_resume(run_dir, tmp_path):
   td.train(TINY, tmp_path)  # resumes from step 3 to 6
   _, uninterrupted, _, _ = td.load_trained(workdir)
   _, resumed, _, _ = td.load_trained(tmp_path)
-  # params, ema_params, Adam's moments, step and key: all bitwise equal.
+  # params, the average, Adam's moments, step and key: all bitwise equal.
   chex.assert_trees_all_equal(jax.device_get(uninterrupted), jax.device_get(resumed))
+
+
+@flax.struct.dataclass
+class _StateWithEmaParams:  # the generator's state as checkpoints held it before `ema`
+  step: jax.Array
+  params: dict
+  ema_params: dict
+  opt_state: tuple
+  rng: jax.Array
+
+
+def test_a_checkpoint_holding_ema_params_still_loads(run_dir, tmp_path):
+  """A checkpoint that holds the average as `ema_params` (the params alone) loads into
+  today's state, the average as ema["params"]; one that lacks it is refused."""
+  workdir, _ = run_dir
+  _, state, _, _ = td.load_trained(workdir)
+  state = jax.device_get(state)
+  for name in ("config.json", "classes.json"):
+    (tmp_path / name).write_text((workdir / name).read_text())
+  old = _StateWithEmaParams(step=state.step, params=state.params, ema_params=state.ema["params"],
+                            opt_state=state.opt_state, rng=state.rng)
+  mngr = checkpoint.manager(tmp_path, keep=None)
+  checkpoint.save(mngr, 6, old)
+  mngr.close()
+  _, restored, _, _ = td.load_trained(tmp_path)
+  assert restored.batch_stats is None
+  chex.assert_trees_all_equal(jax.device_get(restored), state)
+  without = tmp_path / "without"
+  without.mkdir()
+  for name in ("config.json", "classes.json"):
+    (without / name).write_text((workdir / name).read_text())
+  mngr = checkpoint.manager(without, keep=None)
+  checkpoint.save(mngr, 6, {"step": state.step, "params": state.params,
+                            "opt_state": state.opt_state, "rng": state.rng})
+  mngr.close()
+  with pytest.raises(UserError, match="does not fit"):
+    td.load_trained(without)
 
 
 def test_resume_with_another_config_is_refused(run_dir):
@@ -105,7 +144,7 @@ def test_loss_falls_when_overfitting_a_small_batch(objective):
   config = dataclasses.replace(TINY, learning_rate=0.01, **objective)
   model, schedule = td.make_unet(config, 10), td.make_schedule(config)
   tx, _ = td.make_optimizer(config, steps_per_epoch=1000)
-  state = jax.device_put(td.init_state(model, tx, seed=0), mesh_lib.replicated(mesh))
+  state = jax.device_put(GENERATOR.init_state(model, tx, 0, ema=True), mesh_lib.replicated(mesh))
   data = load_synthetic("test").take(np.arange(16))
   batch = (augment.to_model_range(jnp.asarray(data.images)), jnp.asarray(data.labels))
   step = td.make_train_step(model, schedule, tx, mesh, config)
@@ -124,7 +163,7 @@ def test_the_weights_average_ramps_from_the_first_step():
   mesh = mesh_lib.make_mesh()
   model, schedule = td.make_unet(TINY, 10), td.make_schedule(TINY)
   tx, _ = td.make_optimizer(TINY, steps_per_epoch=1000)
-  state = jax.device_put(td.init_state(model, tx, seed=0), mesh_lib.replicated(mesh))
+  state = jax.device_put(GENERATOR.init_state(model, tx, 0, ema=True), mesh_lib.replicated(mesh))
   initial = jax.device_get(state.params)
   data = load_synthetic("test").take(np.arange(16))
   batch = (augment.to_model_range(jnp.asarray(data.images)), jnp.asarray(data.labels))
@@ -132,7 +171,7 @@ def test_the_weights_average_ramps_from_the_first_step():
                                                                 jax.random.PRNGKey(0))
   trained = jax.device_get(state.params)
   want = jax.tree.map(lambda a, b: 0.1 * a + 0.9 * b, initial, trained)
-  chex.assert_trees_all_close(jax.device_get(state.ema_params), want, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(jax.device_get(state.ema["params"]), want, rtol=1e-5, atol=1e-7)
 
 
 def test_the_loss_follows_the_configs_objective():
@@ -142,7 +181,7 @@ def test_the_loss_follows_the_configs_objective():
                                loss_weighting_kwargs={"gamma": 2.0})
   model, schedule = td.make_unet(config, 10), td.make_schedule(config)
   tx, _ = td.make_optimizer(config, steps_per_epoch=1)
-  params = td.init_state(model, tx, seed=0).params
+  params = GENERATOR.init_state(model, tx, 0, ema=True).params
   data = load_synthetic("test").take(np.arange(4))
   images, labels = augment.to_model_range(jnp.asarray(data.images)), jnp.asarray(data.labels)
   key = jax.random.PRNGKey(3)
@@ -363,14 +402,15 @@ def test_generate_samples_from_the_ema_weights(run_dir):
   sample = lambda s: generate.generate(workdir, [0, 5], **SAMPLER, seed=0, batch_size=2,
                                        progress=False, trained=(model, s, config, class_names))
   # After 6 steps the EMA is still near the initial weights, far from the raw ones.
-  assert not np.allclose(jax.tree.leaves(state.params)[0], jax.tree.leaves(state.ema_params)[0])
+  assert not np.allclose(jax.tree.leaves(state.params)[0],
+                         jax.tree.leaves(state.ema["params"])[0])
   images = sample(state)
-  np.testing.assert_array_equal(sample(state.replace(params=state.ema_params)), images)
-  assert not np.array_equal(sample(state.replace(ema_params=state.params)), images)
+  np.testing.assert_array_equal(sample(state.replace(params=state.ema["params"])), images)
+  assert not np.array_equal(sample(state.replace(ema={"params": state.params})), images)
   # sample_from="raw" is sampling the raw weights where the EMA ones would be.
   raw = generate.generate(workdir, [0, 5], **SAMPLER, seed=0, batch_size=2, progress=False,
                           trained=(model, state, config, class_names), sample_from="raw")
-  np.testing.assert_array_equal(raw, sample(state.replace(ema_params=state.params)))
+  np.testing.assert_array_equal(raw, sample(state.replace(ema={"params": state.params})))
   with pytest.raises(UserError, match="sample_from must be one of ema, raw, got 'best'"):
     generate.generate(workdir, [0], sample_from="best")
 
@@ -387,7 +427,7 @@ def test_generate_reads_the_output_as_the_runs_prediction(run_dir):
   as_eps = generate.generate(workdir, [0, 5], **SAMPLER, seed=0, batch_size=2, progress=False,
                              trained=(model, state, config, class_names))
   assert not np.array_equal(as_v, as_eps)
-  direct = diffusion.sample(lambda x, t, y: model.apply({"params": state.ema_params}, x, t, y),
+  direct = diffusion.sample(lambda x, t, y: model.apply({"params": state.ema["params"]}, x, t, y),
                             td.make_schedule(config), jax.random.fold_in(jax.random.PRNGKey(0), 0),
                             jnp.array([0, 5], jnp.int32), sampler="ddim", num_steps=4,
                             null_label=model.num_classes, prediction="v")
@@ -425,8 +465,9 @@ def test_exported_weights_sample_as_the_workdir_does(run_dir, tmp_path, capsys):
   assert (summary["exported_step"], summary["exported_weights"]) == (TINY.steps, "ema")
   _, state, _, _ = td.load_trained(workdir)
   with np.load(out / "weights.npz") as npz:
-    np.testing.assert_array_equal(npz["UNetBlock_0/TimeEncoder_0/Dense_0/kernel"],
-                                  state.ema_params["UNetBlock_0"]["TimeEncoder_0"]["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(
+        npz["UNetBlock_0/TimeEncoder_0/Dense_0/kernel"],
+        state.ema["params"]["UNetBlock_0"]["TimeEncoder_0"]["Dense_0"]["kernel"])
   np.testing.assert_array_equal(
       generate.generate(out, [1, 4], **SAMPLER, seed=0, batch_size=2, progress=False),
       generate.generate(workdir, [1, 4], **SAMPLER, seed=0, batch_size=2, progress=False))

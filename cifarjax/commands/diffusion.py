@@ -148,16 +148,11 @@ def _steps(args):
   return 50 if args.sampler != "ddpm" and args.steps is None else args.steps
 
 
-def _load_config(workdir):
-  from cifarjax.config import DiffusionConfig, load_run_config
-  return load_run_config(workdir, DiffusionConfig, "generator (train-diffusion) run",
-                         "train-diffusion")
-
-
-def _class_names(workdir) -> list[str]:
-  import pathlib
-  from cifarjax import runlog
-  return runlog.read_json(pathlib.Path(workdir) / "classes.json")
+def _open_run(workdir):
+  """The generator run (or exported folder) in --workdir, its config and class names read
+  and checked once: the commands below pass it on, so nothing reads them again."""
+  from cifarjax import generate
+  return generate.open_run(workdir).read()
 
 
 def _check_sampler(args, config):
@@ -203,24 +198,22 @@ def sample(args):
   import pathlib
   import numpy as np
   from cifarjax import generate, image_grid, mesh as mesh_lib
-  from cifarjax.errors import UserError, note
+  from cifarjax.errors import UserError
   out = pathlib.Path(args.out)
   if out.suffix != ".npz":
     raise UserError(f"--out must end in .npz, got {out}")
   positive("--num", args.num)
   if args.guidance < 0:
     raise UserError(f"--guidance must be non-negative, got {args.guidance}")
-  config = _load_config(args.workdir)  # a clear error for a workdir without a generator run
-  _check_sampler(args, config)
-  class_names = _class_names(args.workdir)
+  run = _open_run(args.workdir)  # a clear error for a workdir without a generator run
+  _check_sampler(args, run.config)
+  class_names = run.class_names
   if args.labels:
     labels = np.resize(np.asarray(_parse_labels(args.labels), np.int64), args.num)
-    generate.check_labels(labels, len(class_names))
   else:
     labels = generate.default_labels(args.num, len(class_names))
   mesh_lib.initialize_distributed()
-  note(f"loading the generator in {args.workdir}")
-  images = generate.generate(args.workdir, labels, args.sampler, _steps(args), args.guidance,
+  images = generate.generate(run, labels, args.sampler, _steps(args), args.guidance,
                              args.seed, args.batch_size, sample_from=args.weights_from,
                              clip=args.clip, eta=args.eta, sampler_kwargs=_sampler_kwargs(args))
   generate.save_npz(out, images, labels)
@@ -238,11 +231,12 @@ def interpolate(args):
   if args.frames < 2:
     raise UserError(f"--frames must be at least 2, got {args.frames}")
   positive("--steps", args.steps)
-  config = _load_config(args.workdir)
+  run = _open_run(args.workdir)
+  config = run.config
   if args.steps > config.num_timesteps:
     raise UserError(f"--steps must be at most the model's {config.num_timesteps} timesteps, "
                     f"got {args.steps}")
-  class_names = _class_names(args.workdir)
+  class_names = run.class_names
   mesh_lib.initialize_distributed()
   note(f"loading {args.data} ({args.split} split)")
   data = load_split(args.data, args.split, holdout=config.holdout)
@@ -251,7 +245,7 @@ def interpolate(args):
       raise UserError(f"{name} {i} is outside {args.data}:{args.split} ({len(data)} images)")
   data = with_class_order(data, class_names)
   a, b = data.images[args.a], data.images[args.b]
-  frames, labels = generate.interpolate(args.workdir, a, int(data.labels[args.a]),
+  frames, labels = generate.interpolate(run, a, int(data.labels[args.a]),
                                         b, int(data.labels[args.b]), args.frames, args.steps,
                                         clip=args.clip)
   png = image_grid.write_strip(args.out, frames, sources=(a, b))
@@ -261,13 +255,13 @@ def interpolate(args):
 
 def export(args):
   import pathlib
-  from cifarjax import train_diffusion
+  from cifarjax import run as run_lib
   from cifarjax.errors import UserError
-  _load_config(args.workdir)
+  run = _open_run(args.workdir)
   out = pathlib.Path(args.out)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise UserError(f"--out {out} exists and is not an empty folder; name a new folder")
-  step = train_diffusion.export(args.workdir, out, args.weights_from)
+  step = run_lib.export_weights(run, out, args.weights_from)
   size = (out / "weights.npz").stat().st_size / 2**20
   print(f"wrote {out}: the {args.weights_from} weights of step {step} ({size:.1f} MiB); "
         f"sample them with `cifarjax sample --workdir {out} ...`")
@@ -279,9 +273,10 @@ def evaluate(args):
   from cifarjax.generate import evaluate_fid
   if args.num < 2:
     raise UserError(f"--num must be at least 2 (FID needs 2 samples), got {args.num}")
-  _check_sampler(args, _load_config(args.workdir))
+  run = _open_run(args.workdir)
+  _check_sampler(args, run.config)
   mesh_lib.initialize_distributed()
-  result = evaluate_fid(args.workdir, args.num, weights=args.weights, reference=args.reference,
+  result = evaluate_fid(run, args.num, weights=args.weights, reference=args.reference,
                         sampler=args.sampler, steps=_steps(args), seed=args.seed,
                         batch_size=args.batch_size, sample_from=args.weights_from,
                         clip=args.clip, eta=args.eta, sampler_kwargs=_sampler_kwargs(args))
