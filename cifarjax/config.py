@@ -6,20 +6,18 @@ returns them; the registry entry it names, an `EntryField`); `validate` reads th
 field and what it may hold are written side by side. Importing this module imports no JAX,
 so that the command line can build its flags from these fields.
 
-A run writes its config to `config.json` beside its checkpoints and metrics, with a
-record of the code of the registry entries it names (`plugins.record`), and
-`load_run_config` reads it back, so every number traces to the settings that made it.
+`to_dict` and `from_dict` turn a config into the JSON a run's config.json holds and back
+(`run.save_json`, `run.load_run_config`).
 """
 
 import dataclasses
-import json
 import math
 import pathlib
 from typing import Callable, NamedTuple
 
 from cifarjax import plugins, registry
 from cifarjax.data import DATASET_NAMES
-from cifarjax.errors import UserError, UserFileNotFoundError
+from cifarjax.errors import UserError
 
 
 class Range(NamedTuple):
@@ -422,7 +420,7 @@ def to_dict(config) -> dict:
   return dataclasses.asdict(config)
 
 
-def _upgrade(cls, d: dict) -> dict:
+def upgrade_fields(cls, d: dict) -> dict:
   """A saved config's fields as this version names them: DiffusionConfig.min_snr_gamma is
   the setting gamma of the loss weighting "min-snr" now."""
   d = dict(d)
@@ -435,7 +433,7 @@ def _upgrade(cls, d: dict) -> dict:
 
 def from_dict(cls, d: dict):
   """Rebuilds a (nested) config dataclass from `to_dict`'s output."""
-  d = _upgrade(cls, d)
+  d = upgrade_fields(cls, d)
   kwargs = {}
   for field in dataclasses.fields(cls):
     if field.name not in d:
@@ -450,134 +448,3 @@ def from_dict(cls, d: dict):
                     f"{RUN_KINDS.get(cls.__name__, cls.__name__)} run (written by another "
                     f"version of cifarjax?)")
   return cls(**kwargs)
-
-
-def save_json(config, path, record: dict | None = None):
-  """Writes config.json (atomically): the run kind, every field, and the record of the
-  registry entries the config names (`plugins.record`: theirs now, unless `record` gives
-  another)."""
-  from cifarjax import runlog
-  record = record or plugins.record(entries_used(config))
-  runlog.write_json(path, {"type": type(config).__name__, **to_dict(config), **record})
-
-
-def read_saved(path) -> tuple:
-  """(run kind, config fields, record of registry entries) of a config.json."""
-  saved = json.loads(pathlib.Path(path).read_text())
-  kind = saved.pop("type", None)
-  return kind, saved, {key: saved.pop(key) for key in plugins.RECORD_KEYS if key in saved}
-
-
-def _kind(name) -> str:
-  return RUN_KINDS.get(name, f"unknown ({name})" if name else "unknown")
-
-
-def _check_folder(workdir):
-  path = pathlib.Path(workdir)
-  if path.exists() and not path.is_dir():
-    raise UserError(f"--workdir {workdir} is a file, not a folder; name a folder for the run")
-
-
-def _check_empty(workdir):
-  """A folder without a run's config.json must hold nothing (hidden files aside, and the
-  .tmp of a config.json being written beside this process), or the run would write into
-  someone's files."""
-  path = pathlib.Path(workdir)
-  if not path.is_dir():
-    return
-  found = sorted(p.name for p in path.iterdir()
-                 if not p.name.startswith(".") and not p.name.endswith(".tmp"))
-  if found:
-    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-    raise UserError(f"--workdir {workdir} holds files but no run (no config.json): {shown}; "
-                    f"name a new or empty folder for the run")
-
-
-def load_run_config(workdir, cls, what: str, train_command: str, note_changes: bool = False):
-  """The config a run saved in `workdir`, checked to be a `cls` run (`what` names it).
-
-  Imports the modules its config.json records first, and checks that every registry
-  entry it names is registered (a UserError naming what is missing and the --import
-  that brings it); note_changes: a Notice for each entry whose code changed since the
-  run started (`plugins.note_changes`).
-  """
-  _check_folder(workdir)
-  path = pathlib.Path(workdir) / "config.json"
-  if not path.exists():
-    raise UserFileNotFoundError(f"{workdir} holds no run (no config.json); train one with "
-                                f"`cifarjax {train_command} --workdir {workdir}`")
-  kind, saved, recorded = read_saved(path)
-  if kind != cls.__name__:
-    raise UserError(f"{workdir} holds a {_kind(kind)} run, not a {what}")
-  plugins.import_modules(recorded.get("imports", ()), recorded_in=workdir)
-  config = from_dict(cls, saved)
-  plugins.check_registered(entries_used(config), recorded.get("registry", {}), workdir)
-  if note_changes:
-    plugins.note_changes(entries_used(config), recorded.get("registry", {}), workdir)
-  return config
-
-
-def _same(key, saved, new) -> bool:
-  if saved == new:
-    return True
-  if key == "data" and isinstance(saved, str) and saved not in DATASET_NAMES:
-    # Runs saved before data paths were made absolute: the same file is the same data.
-    return pathlib.Path(saved).expanduser().resolve() == pathlib.Path(str(new)).resolve()
-  return False
-
-
-# Fields that say how long, how visibly or with which layer set a run goes, not what it trains:
-# a resume may change them.
-RUN_CONTROL = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-               "steps_per_call", "eval_batch_size", "layers")
-
-
-def check_resumable(workdir, config):
-  """A workdir holds one run: resuming with another recipe is an error; the run-control
-  fields (RUN_CONTROL: length, cadences, steps per call, layer set) may change between calls.
-  Touches nothing: a workdir that is a file, or holds another kind of run or another
-  config, raises a UserError before anything is written."""
-  _check_folder(workdir)
-  path = pathlib.Path(workdir) / "config.json"
-  if not path.exists():
-    _check_empty(workdir)
-    return
-  kind, saved, recorded = read_saved(path)
-  if kind != type(config).__name__:
-    raise UserError(f"{workdir} holds a {_kind(kind)} run, not a "
-                    f"{_kind(type(config).__name__)} run; use another --workdir")
-  plugins.import_modules(recorded.get("imports", ()), recorded_in=workdir)
-  new = json.loads(json.dumps(to_dict(config)))  # tuples as JSON lists, as saved
-  # A field newer than the saved run held its default there.
-  saved = _completed(
-      {**json.loads(json.dumps(to_dict(type(config)()))), **_upgrade(type(config), saved)},
-      config)
-  differ = sorted(k for k in new if k not in RUN_CONTROL and not _same(k, saved.get(k), new[k]))
-  if saved.get("lr_schedule") == "cosine" and saved["steps"] != new["steps"] and not differ:
-    raise ConfigError(lambda steps: f"{workdir} holds a run whose learning rate anneals to "
-                      f"0 at {steps} {saved['steps']} (lr_schedule cosine); another {steps} "
-                      f"would bend that curve mid-run: keep {steps} {saved['steps']}, or train "
-                      f"a new run", "steps")
-  if differ:
-    shown = differ[:4]
-
-    def say(*names):
-      details = "; ".join(f"{name}: {saved.get(k)!r} there, {new[k]!r} now"
-                          for name, k in zip(names, shown))
-      return (f"{workdir} holds a run with another config ({', '.join(differ)} differ: "
-              f"{details}); use another --workdir, or the same settings to resume")
-    raise ConfigError(say, *shown)
-  plugins.note_changes(entries_used(config), recorded.get("registry", {}), workdir)
-
-
-def _completed(saved: dict, config) -> dict:
-  """The saved fields with the settings of each entry that `config` names too completed
-  with the entry's defaults, as `validate` completes config's (runs saved before
-  settings were recorded hold none)."""
-  registered = plugins.registries()
-  for field, spec in entry_fields(config).items():
-    name = saved.get(field)
-    if spec.settings and name == getattr(config, field) and name in registered[spec.registry]:
-      defaults = registry.settings(registered[spec.registry][name], spec.contract()) or {}
-      saved[spec.settings] = json.loads(json.dumps({**defaults, **saved[spec.settings]}))
-  return saved

@@ -106,7 +106,7 @@ def generator_dir(tmp_path_factory):
   from cifarjax import train_diffusion as td
   workdir = tmp_path_factory.mktemp("generator")
   config = DiffusionConfig(data="synthetic", unet="tiny", num_timesteps=10)
-  config_lib.save_json(config, workdir / "config.json")
+  run_lib.save_json(config, workdir / "config.json")
   runlog.write_json(workdir / "classes.json", [f"class_{i}" for i in range(10)])
   tx, _ = td.make_optimizer(config, 1)
   mngr = checkpoint.manager(workdir, None)
@@ -233,7 +233,7 @@ def test_eval_diffusion_names_its_reference_and_leaves_out_the_held_out_images(
   workdir = tmp_path / "gen"
   workdir.mkdir()
   config = DiffusionConfig(data=str(data), holdout=10, unet="tiny", num_timesteps=10)
-  config_lib.save_json(config, workdir / "config.json")
+  run_lib.save_json(config, workdir / "config.json")
   runlog.write_json(workdir / "classes.json", [f"class_{i}" for i in range(5)])
   monkeypatch.setattr(run_lib.Workdir, "trained",
                       lambda run, mesh: (None, SimpleNamespace(step=7)))
@@ -335,7 +335,7 @@ def test_an_empty_weights_npz_is_not_called_a_torch_file(tmp_path):
 
 
 def test_run_kinds_are_named_for_people(tmp_path):
-  config_lib.save_json(ClassifierConfig(), tmp_path / "config.json")
+  run_lib.save_json(ClassifierConfig(), tmp_path / "config.json")
   runlog.write_json(tmp_path / "classes.json", ["a", "b"])
   code, _, err = call("sample", "--workdir", tmp_path, "--num", 2, "--out", tmp_path / "x.npz")
   line = error_of(err, "sample")
@@ -374,7 +374,7 @@ def test_a_custom_model_checkpoint_gives_a_short_error(tmp_path):
       return nn.Dense(10)(x.mean((1, 2)))
 
   config = ClassifierConfig(data="synthetic")
-  config_lib.save_json(config, tmp_path / "config.json")
+  run_lib.save_json(config, tmp_path / "config.json")
   runlog.write_json(tmp_path / "classes.json", [f"class_{i}" for i in range(10)])
   runlog.write_json(tmp_path / "summary.json", {"model": "Small"})
   tx, _ = tc.make_optimizer(config, 1)
@@ -461,7 +461,7 @@ def test_a_run_without_a_checkpoint_is_refused_before_its_model_is_built(tmp_pat
   from cifarjax import trainer
   config = (ClassifierConfig(data="synthetic") if command == "eval-classifier" else
             DiffusionConfig(data="synthetic", unet="tiny", num_timesteps=10))
-  config_lib.save_json(config, tmp_path / "config.json")
+  run_lib.save_json(config, tmp_path / "config.json")
   runlog.write_json(tmp_path / "classes.json", [f"class_{i}" for i in range(10)])
   def no_model(*args, **kwargs):
     raise AssertionError("no model is built for a run without a checkpoint")

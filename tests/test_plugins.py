@@ -194,10 +194,10 @@ def test_a_saved_min_snr_gamma_is_the_weighting_s_setting(tmp_path):
   assert config_lib.from_dict(DiffusionConfig, old) == dataclasses.replace(
       improved, schedule_kwargs={}, unet_kwargs={})
   (tmp_path / "config.json").write_text(json.dumps({"type": "DiffusionConfig", **old}))
-  config_lib.check_resumable(tmp_path, improved)
+  run_lib.check_resumable(tmp_path, improved)
   with pytest.raises(UserError, match="loss_weighting_kwargs differ: config field "
                      "loss_weighting_kwargs: {'gamma': 5.0} there, {'gamma': 2.0} now"):
-    config_lib.check_resumable(tmp_path, dataclasses.replace(
+    run_lib.check_resumable(tmp_path, dataclasses.replace(
         improved, loss_weighting_kwargs={"gamma": 2.0}))
 
 
@@ -478,9 +478,9 @@ def test_a_changed_definition_is_a_notice_on_evaluation_and_resume(narrow_run, f
                     f"the run in {narrow_run} started with (source sha256 "
                     f"{saved['source_sha256']} then, {now} now); it runs as it is now")
 
-  config = config_lib.load_run_config(narrow_run, DiffusionConfig, "generator", "x")
+  config = run_lib.load_run_config(narrow_run, DiffusionConfig, "generator", "x")
   with pytest.warns(Notice, match="the U-Net 'narrow' \\(my_unets\\) is not the code"):
-    config_lib.check_resumable(narrow_run, config)
+    run_lib.check_resumable(narrow_run, config)
   run_lib.write_start(narrow_run, config, [f"class_{i}" for i in range(10)])  # a resume
   assert json.loads((narrow_run / "config.json").read_text())["registry"]["unet"] == saved
 

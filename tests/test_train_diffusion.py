@@ -19,7 +19,7 @@ from PIL import Image
 
 from cifarjax import (augment, cli, config as config_lib, diffusion, generate, image_grid,
                       mesh as mesh_lib)
-from cifarjax import checkpoint, runlog
+from cifarjax import checkpoint, run as run_lib, runlog
 from cifarjax import train_diffusion as td
 from cifarjax.commands import diffusion as diffusion_commands
 from cifarjax.config import DIFFUSION_PRESETS, ClassifierConfig, DiffusionConfig
@@ -73,7 +73,7 @@ def test_run_outputs(run_dir):
   workdir, summary = run_dir
   for name in ("config.json", "classes.json", "metrics.jsonl", "summary.json", "training_graph.png"):
     assert (workdir / name).is_file(), name
-  assert config_lib.load_run_config(workdir, DiffusionConfig, "generator", "x") == \
+  assert run_lib.load_run_config(workdir, DiffusionConfig, "generator", "x") == \
       config_lib.validate(TINY)  # its entries' settings completed with their defaults
   assert runlog.read_json(workdir / "classes.json") == [f"class_{i}" for i in range(10)]
   assert summary["steps"] == 6 and summary["model"] == "unet:tiny"
@@ -349,7 +349,7 @@ def test_empty_workdir(tmp_path, capsys):
 
 
 def test_classifier_workdir_is_refused(tmp_path, capsys):
-  config_lib.save_json(ClassifierConfig(), tmp_path / "config.json")
+  run_lib.save_json(ClassifierConfig(), tmp_path / "config.json")
   runlog.write_json(tmp_path / "classes.json", ["a", "b"])
   with pytest.raises(ValueError, match="classifier \\(train-classifier\\) run, not a generator"):
     td.load_trained(tmp_path)
