@@ -142,7 +142,8 @@ def classifier(batch_size: int = 256, steps: int = 20, mesh=None) -> dict:
   from cifarjax.config import ClassifierConfig
   from cifarjax.models import paper_classifier
   from cifarjax.kinds import CLASSIFIER
-  from cifarjax.train_classifier import make_optimizer, make_train_step
+  from cifarjax.optim import make_optimizer
+  from cifarjax.train_classifier import make_train_step  # the step it times
   mesh = mesh or mesh_lib.make_mesh()
   mesh_lib.check_batch_size(batch_size, mesh)
   model = paper_classifier()
@@ -157,14 +158,15 @@ def classifier(batch_size: int = 256, steps: int = 20, mesh=None) -> dict:
 
 def diffusion(batch_size: int = 256, steps: int = 20, mesh=None) -> dict:
   """The paper generator's train step (noising, U-Net forward and backward, Adam, EMA)."""
-  from cifarjax import train_diffusion as td
-  from cifarjax.kinds import GENERATOR
+  from cifarjax import train_diffusion as td  # the step it times
+  from cifarjax.kinds import GENERATOR, make_schedule, make_unet
   from cifarjax.config import DiffusionConfig
+  from cifarjax.optim import make_optimizer
   mesh = mesh or mesh_lib.make_mesh()
   mesh_lib.check_batch_size(batch_size, mesh)
   config = DiffusionConfig(batch_size=batch_size)
-  model, schedule = td.make_unet(config, 100), td.make_schedule(config)
-  tx, _ = td.make_optimizer(config, 195)
+  model, schedule = make_unet(config, 100), make_schedule(config)
+  tx, _ = make_optimizer(config, 195)
   state = jax.device_put(GENERATOR.init_state(model, tx, 0, ema=True),
                          mesh_lib.replicated(mesh))
   batch = _random_batch(mesh, batch_size, -1, 1)
@@ -176,14 +178,14 @@ def diffusion(batch_size: int = 256, steps: int = 20, mesh=None) -> dict:
 
 def sampler(batch_size: int = 256, steps: int = 2, sample_steps: int = 50, mesh=None) -> dict:
   """One call of the paper generator's `sample_steps`-step DDIM sampler: a batch of images."""
-  from cifarjax import train_diffusion as td
-  from cifarjax.kinds import GENERATOR
+  from cifarjax.kinds import GENERATOR, make_schedule, make_unet
   from cifarjax.config import DiffusionConfig
   from cifarjax.generate import make_sampler
+  from cifarjax.optim import make_optimizer
   mesh = mesh or mesh_lib.make_mesh()
   config = DiffusionConfig()
-  model, schedule = td.make_unet(config, 100), td.make_schedule(config)
-  tx, _ = td.make_optimizer(config, 195)
+  model, schedule = make_unet(config, 100), make_schedule(config)
+  tx, _ = make_optimizer(config, 195)
   params = jax.device_put(GENERATOR.init_state(model, tx, 0).params, mesh_lib.replicated(mesh))
   sample = make_sampler(model, mesh, batch_size, sampler="ddim", steps=sample_steps, guidance=0.0)
   labels = np.arange(batch_size, dtype=np.int32) % 100
