@@ -11,7 +11,7 @@ from cifarjax import generate, run
 from cifarjax.config import DIFFUSION_PRESETS
 
 PRETRAINED = pathlib.Path(__file__).resolve().parents[1] / "pretrained"
-FOLDERS = {"cifar10-generator-paper": "paper"}  # folder: the preset it was trained with
+FOLDERS = {"cifar10-generator-paper": "paper", "cifar10-generator-improved": "improved"}
 pytestmark = pytest.mark.integration
 
 
