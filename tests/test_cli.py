@@ -128,6 +128,7 @@ def test_negative_steps_are_refused_before_anything_is_written(tmp_path, command
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration
 def test_batch_size_zero_leaves_no_workdir_and_the_corrected_run_works(classifier_run):
   code, _, err = classifier_run["zero"]
   assert code == 2
@@ -167,6 +168,7 @@ def test_images_of_another_size_are_refused(tmp_path, command):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.integration
 def test_fewer_than_five_classes_trains_and_reports_no_top5(tmp_path):
   data = image_zip(tmp_path / "three.zip", classes=3)
   code, out, err = call("train-classifier", "--data", data, *TRAIN, "--holdout", 4,
@@ -184,6 +186,7 @@ def test_fewer_than_five_classes_trains_and_reports_no_top5(tmp_path):
 # --- Absolute paths in saved configs -----------------------------------------------------
 
 
+@pytest.mark.integration
 def test_relative_data_is_saved_absolute_and_evaluates_from_elsewhere(classifier_run,
                                                                        tmp_path, monkeypatch):
   root, workdir = classifier_run["root"], classifier_run["workdir"]
@@ -196,6 +199,7 @@ def test_relative_data_is_saved_absolute_and_evaluates_from_elsewhere(classifier
   assert result["num_examples"] == 10 and result["step"] == 3  # the held-out slice
 
 
+@pytest.mark.integration
 def test_a_resume_with_other_settings_names_their_flags(classifier_run, monkeypatch):
   """The trainer's refusal names config fields; the command line words them as its flags."""
   monkeypatch.chdir(classifier_run["root"])
@@ -207,6 +211,7 @@ def test_a_resume_with_other_settings_names_their_flags(classifier_run, monkeypa
       "there, 0.1 now); use another --workdir, or the same settings to resume")
 
 
+@pytest.mark.integration
 def test_eval_classifier_picks_the_weights_with_weights_from_and_the_old_name(classifier_run,
                                                                              capsys):
   workdir = classifier_run["workdir"]
@@ -267,6 +272,7 @@ def _pixels_of(png, rgb) -> int:
   return int((np.abs(a - np.array(rgb)).sum(-1) < 60).sum())
 
 
+@pytest.mark.integration
 def test_one_point_series_show_in_both_figures(classifier_run, tmp_path):
   from cifarjax import plots
   # The run evaluated once (step 3): its train/test accuracy series hold one point each.
@@ -313,6 +319,7 @@ def test_a_workdir_that_is_a_file_is_refused_and_kept(tmp_path):
   assert code == 2 and "is a file" in error_of(err, "eval-classifier")
 
 
+@pytest.mark.integration
 def test_ctrl_c_saves_and_says_how_to_resume(classifier_run):
   code, _, err = classifier_run["interrupted"]
   assert code == 130 and "Traceback" not in err
@@ -396,6 +403,7 @@ def test_sample_steps_zero_names_the_flag(generator_dir, tmp_path):
 # --- Long phases say what they do; checks come before loads ------------------------------
 
 
+@pytest.mark.integration
 def test_training_phases_and_resume_are_announced(classifier_run):
   _, _, first = classifier_run["interrupted"]
   assert "cifarjax train-classifier: loading " in first
