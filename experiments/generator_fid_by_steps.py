@@ -23,7 +23,9 @@ import generator_improved as gi
 MAIN = ("ema", 0.0, "dpm++2m", 20)  # (weights, guidance, sampler, sampler steps) at every milestone
 FULL = (("ema", 0.0, "ddim", 50), ("raw", 0.0, "dpm++2m", 20))  # besides MAIN at --full-at
 GUIDANCE = (1.0, 3.0)  # at --full-at, for runs trained with label dropout
-RUN_CONTROL = dict(checkpoint_every=500, keep_checkpoints=20)  # milestone checkpoints stay
+# A checkpoint every 100 steps, so that a stopped run loses minutes, not an hour; 100 kept, so
+# that the checkpoints of every milestone up to 10,000 steps stay for their FIDs.
+RUN_CONTROL = dict(checkpoint_every=100, keep_checkpoints=100)
 
 
 def config_of(name, steps, data, batch_size, quick=False):
