@@ -114,6 +114,22 @@ def figure(records, path):
   plt.close(fig)
 
 
+def run(out, milestones, data, *, fid_weights=None, linear_at=None, full_at=None,
+        batch_size=128, num=10_000, quick=False):
+  """Trains the runs to each milestone in turn and measures their FIDs there (fid_weights
+  None: trains only). Writes the table's figure and returns the table (None when training only)."""
+  milestones = sorted(milestones)
+  full_at = full_at or milestones[-1]
+  for step in milestones:
+    names = ["paper", "improved"] + (["linear-schedule"] if step == linear_at else [])
+    at_milestone(out, step, names, data, batch_size, step == full_at, num, fid_weights, quick)
+  if fid_weights is None:
+    return None
+  records = [r for r in gi.read_records(pathlib.Path(out) / "fid.jsonl") if r["num"] == num]
+  figure(records, pathlib.Path(out) / "fid_by_steps.png")
+  return fid_table(records, milestones)
+
+
 def main():
   common.use_huge_pages()
   common.show_messages()
@@ -128,17 +144,11 @@ def main():
   args = p.parse_args()
   from cifarjax import fid
   fid.resolve_weights_path(args.fid_weights)  # a wrong path fails now, not after hours of training
-  milestones = sorted(args.milestones)
-  full_at = args.full_at or milestones[-1]
-  for step in milestones:
-    names = ["paper", "improved"] + (["linear-schedule"] if step == args.linear_at else [])
-    at_milestone(args.out, step, names, args.data, args.batch_size, step == full_at, args.num,
-                 None if args.train_only else args.fid_weights, args.quick)
-  if args.train_only:
-    return
-  records = [r for r in gi.read_records(pathlib.Path(args.out) / "fid.jsonl") if r["num"] == args.num]
-  print(fid_table(records, milestones))
-  figure(records, pathlib.Path(args.out) / "fid_by_steps.png")
+  table = run(args.out, args.milestones, args.data, linear_at=args.linear_at, full_at=args.full_at,
+              fid_weights=None if args.train_only else args.fid_weights,
+              batch_size=args.batch_size, num=args.num, quick=args.quick)
+  if table is not None:
+    print(table)
 
 
 if __name__ == "__main__":

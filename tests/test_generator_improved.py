@@ -25,13 +25,18 @@ def fingerprint_stats(images, variables, **kwargs):
   return np.array([images.astype(np.float64).reshape(-1) @ PROJECTION]), np.eye(1)
 
 
-@pytest.fixture
-def script(monkeypatch):
+def experiment_with_fingerprints(monkeypatch, name):
+  """The experiment script `name`, imported with the fingerprint standing in for Inception."""
   monkeypatch.syspath_prepend(str(EXPERIMENTS))
   monkeypatch.setattr(fid, "training_reference_stats", lambda *a, **k: (np.zeros(1), np.eye(1)))
   monkeypatch.setattr(fid, "load_inception_params", lambda weights: {})
   monkeypatch.setattr(fid, "stats_from_images", fingerprint_stats)
-  return importlib.import_module("generator_improved")
+  return importlib.import_module(name)
+
+
+@pytest.fixture
+def script(monkeypatch):
+  return experiment_with_fingerprints(monkeypatch, "generator_improved")
 
 
 @pytest.mark.integration
