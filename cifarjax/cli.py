@@ -182,14 +182,23 @@ def main(argv=None) -> int:
   """Runs `cifarjax argv...` in this process and returns its exit code."""
   argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
   command = argv[0] if argv and not argv[0].startswith("-") else ""
-  prefix = f"cifarjax {command}".strip()
+  return run_reporting(f"cifarjax {command}".strip(), lambda: _run(argv),
+                       resumable=command.startswith("train-"))
+
+
+def run_reporting(prefix: str, call, resumable: bool) -> int:
+  """Runs `call()` as every cifarjax command runs and returns its exit code: messages on
+  stderr as `prefix: ...` lines, SIGTERM stopping it as Ctrl-C does, and a stop, a failed
+  write or a mistake in the input reported in one line (exit 130/143, 1, 2); a bug keeps
+  its traceback. resumable: a stop that saved no checkpoint says that the same command
+  resumes from the latest one."""
   with _messages_to_stderr(prefix), _sigterm_interrupts():
     try:
-      return _run(argv) or 0
+      return call() or 0
     except KeyboardInterrupt as e:
       stopped = e if isinstance(e, errors.Interrupted) else errors.Interrupted()
       resume = (" Run the same command to resume from the latest checkpoint."
-                if stopped.step is None and command.startswith("train-") else "")
+                if stopped.step is None and resumable else "")
       print(f"{prefix}: {stopped}{resume}", file=sys.stderr)
       return stopped.exit_code
     except errors.WriteError as e:

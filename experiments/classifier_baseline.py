@@ -64,8 +64,6 @@ def run(out, quick=False, data=None, seeds=(0, 1, 2)) -> common.Section:
 
 
 def main():
-  common.use_huge_pages()
-  common.show_messages()
   p = common.parser(__doc__)
   p.add_argument("--seeds", type=int, default=3)
   args = p.parse_args()
@@ -73,4 +71,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  common.run_script(main)

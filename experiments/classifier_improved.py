@@ -102,8 +102,6 @@ def run(out, quick=False, data=None, steps=1000, seeds=(0, 1), only=None) -> com
 
 
 def main():
-  common.use_huge_pages()
-  common.show_messages()
   p = common.parser(__doc__)
   p.add_argument("--steps", type=int, default=1000)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -114,4 +112,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  common.run_script(main)

@@ -90,21 +90,17 @@ def config_dict(config) -> dict:
   return config_lib.to_dict(config)
 
 
-def use_huge_pages():
-  """Restarts the script with the `cifarjax` command's malloc settings for XLA's
-  buffers where JAX will run on the CPU, and keeps them from call to call as the command
-  does (`cli.reexec_with_huge_pages`, docs/benchmarks.md). Each script's main() calls it
-  first (the imports above it then run again in the new process), then `show_messages`."""
+def run_script(main):
+  """Runs an experiment script's `main()` as the `cifarjax` command runs a command, and exits
+  with its code: restarted first with the command's malloc settings where JAX runs on the CPU
+  (`cli.reexec_with_huge_pages`, docs/benchmarks.md; the script's imports run again in the
+  new process), cifarjax's phase messages (loading, compiling, resuming, ...) on stderr
+  prefixed with the script's name, and Ctrl-C, SIGTERM, a failed write or a mistake in the
+  input in one line (`cli.run_reporting`)."""
   from cifarjax import cli
   cli.reexec_with_huge_pages(sys.orig_argv[1:])
   cli.keep_call_buffers()
-
-
-def show_messages():
-  """Shows cifarjax's phase messages (loading, compiling, resuming, ...) on stderr as the
-  `cifarjax` command does, each line prefixed with the script's name."""
-  from cifarjax import cli
-  cli.route_messages(pathlib.Path(sys.argv[0]).name)
+  sys.exit(cli.run_reporting(pathlib.Path(sys.argv[0]).name, main, resumable=True))
 
 
 def parser(description) -> argparse.ArgumentParser:

@@ -28,8 +28,6 @@ def run(out, quick=False, data=None, fid_weights=None) -> common.Section:
 
 
 def main():
-  common.use_huge_pages()
-  common.show_messages()
   p = common.parser(__doc__)
   p.add_argument("--fid-weights", help="pt_inception-2015-12-05 weights (.pth or .npz)")
   args = p.parse_args()
@@ -37,4 +35,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  common.run_script(main)

@@ -131,8 +131,6 @@ def run(out, milestones, data, *, fid_weights=None, linear_at=None, full_at=None
 
 
 def main():
-  common.use_huge_pages()
-  common.show_messages()
   p = common.parser(__doc__)
   p.add_argument("--fid-weights", required=True, help="pt_inception-2015-12-05 weights (.pth or .npz)")
   p.add_argument("--train-only", action="store_true", help="train to the milestones, measure nothing")
@@ -152,4 +150,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  common.run_script(main)

@@ -225,8 +225,6 @@ def run(out, quick=False, data=None, steps=None, only=None, fid_weights=None, nu
 
 
 def main():
-  common.use_huge_pages()
-  common.show_messages()
   p = common.parser(__doc__)
   p.add_argument("--steps", type=int, help=f"training steps of every run (default {PAPER.steps:,})")
   p.add_argument("--train-seconds", type=float,
@@ -245,4 +243,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  common.run_script(main)

@@ -50,11 +50,9 @@ def run(out, quick=False, data=None, seed=0, baseline_runs=None) -> common.Secti
 
 
 def main():
-  common.use_huge_pages()
-  common.show_messages()
   args = common.parser(__doc__).parse_args()
   common.print_section(run(args.out, args.quick, args.data))
 
 
 if __name__ == "__main__":
-  main()
+  common.run_script(main)

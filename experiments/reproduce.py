@@ -84,8 +84,6 @@ def run_all(out, quick=False, data=None, fid_weights=None, seeds=3):
 
 
 def main():
-  common.use_huge_pages()
-  common.show_messages()
   p = common.parser(__doc__)
   p.add_argument("--fid-weights", help="pt_inception-2015-12-05 weights (.pth or .npz); "
                  "without them the FID rows say skipped")
@@ -98,4 +96,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  common.run_script(main)

@@ -167,3 +167,40 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_last_checkpoint(run_at_step_
             f"&& {command}; code=$?; cp -a {disk}/run {kept}; exit $code")
   result = run(["unshare", "-rm", "sh", "-c", script], env)
   assert_failed_write_reported(result, disk / "run", os.strerror(28), kept)
+
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+
+
+def test_an_experiment_script_stops_and_refuses_input_in_one_line(tmp_path, env):
+  """The scripts under experiments/ report as the command does: SIGTERM saves a checkpoint
+  and ends in one line with exit code 143, a wrong path in one line with exit code 2."""
+  script = [sys.executable, str(EXPERIMENTS / "generator_fid_by_steps.py"), "--quick",
+            "--out", str(tmp_path), "--milestones", "100000", "--train-only"]
+  wrong = run([*script, "--fid-weights", str(tmp_path / "missing.npz")], env)
+  lines = [line for line in wrong.stderr.splitlines() if line.strip()]
+  assert wrong.returncode == 2 and len(lines) == 1, wrong.stderr
+  assert lines[0].startswith("generator_fid_by_steps.py: error: ") and "missing.npz" in lines[0]
+  assert not (tmp_path / "paper").exists()
+
+  weights = tmp_path / "weights.npz"  # only its existence is checked before training
+  weights.write_bytes(b"weights")
+  process = subprocess.Popen([*script, "--fid-weights", str(weights)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while (not any(r.get("step", 0) >= 2 for r in runlog.read_metrics(tmp_path / "paper"))
+           and process.poll() is None):
+      assert time.monotonic() < deadline, "the run never logged step 2"
+      time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=TIMEOUT_S)
+  finally:
+    if process.poll() is None:
+      process.kill()
+  assert process.returncode == 143, err
+  assert "Traceback" not in err
+  (step,) = steps_saved(tmp_path / "paper")
+  last = err.replace("\r", "\n").strip().splitlines()[-1]
+  assert last == (f"generator_fid_by_steps.py: stopped by SIGTERM at step {step} of 100000; "
+                  f"checkpoint saved. Run the same command to resume.")
