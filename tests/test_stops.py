@@ -68,21 +68,28 @@ def trained_leaves(workdir) -> list[np.ndarray]:
   return [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
 
 
-def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_run_resumes_exactly(tmp_path, env):
-  workdir = tmp_path / "stopped"
-  process = subprocess.Popen(train_command(workdir, 100_000), env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+def sigterm_once(command, env, ready, waiting_for) -> tuple[int, str]:
+  """(exit code, stderr) of `command` sent SIGTERM as soon as `ready()` holds."""
+  process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
   try:
     deadline = time.monotonic() + TIMEOUT_S
-    while len(runlog.read_metrics(workdir)) < 3 and process.poll() is None:
-      assert time.monotonic() < deadline, "the run never logged 3 steps"
+    while not ready() and process.poll() is None:
+      assert time.monotonic() < deadline, f"the run never logged {waiting_for}"
       time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=TIMEOUT_S)
   finally:
     if process.poll() is None:
       process.kill()
-  assert process.returncode == 143, err
+  return process.returncode, err
+
+
+def test_sigterm_saves_a_checkpoint_at_the_next_step_and_the_run_resumes_exactly(tmp_path, env):
+  workdir = tmp_path / "stopped"
+  code, err = sigterm_once(train_command(workdir, 100_000), env,
+                           lambda: len(runlog.read_metrics(workdir)) >= 3, "3 steps")
+  assert code == 143, err
   (step,) = steps_saved(workdir)  # checkpoint_every is the default 1,000: SIGTERM saved it
   assert step >= 3 and runlog.read_metrics(workdir)[-1]["step"] == step
   assert messages(err)[-2:] == [
@@ -185,20 +192,10 @@ def test_an_experiment_script_stops_and_refuses_input_in_one_line(tmp_path, env)
 
   weights = tmp_path / "weights.npz"  # only its existence is checked before training
   weights.write_bytes(b"weights")
-  process = subprocess.Popen([*script, "--fid-weights", str(weights)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    deadline = time.monotonic() + TIMEOUT_S
-    while (not any(r.get("step", 0) >= 2 for r in runlog.read_metrics(tmp_path / "paper"))
-           and process.poll() is None):
-      assert time.monotonic() < deadline, "the run never logged step 2"
-      time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=TIMEOUT_S)
-  finally:
-    if process.poll() is None:
-      process.kill()
-  assert process.returncode == 143, err
+  code, err = sigterm_once(
+      [*script, "--fid-weights", str(weights)], env,
+      lambda: any(r.get("step", 0) >= 2 for r in runlog.read_metrics(tmp_path / "paper")), "step 2")
+  assert code == 143, err
   assert "Traceback" not in err
   (step,) = steps_saved(tmp_path / "paper")
   last = err.replace("\r", "\n").strip().splitlines()[-1]
