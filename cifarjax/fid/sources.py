@@ -9,8 +9,6 @@ A source is
     decoded with PIL `convert('RGB')` as pytorch-fid does; no labels needed.
 """
 
-import hashlib
-import json
 import pathlib
 import zipfile
 
@@ -155,14 +153,14 @@ def compute_fid(images, reference, weights=None, batch_size=features_lib.DEFAULT
 
 
 def _source_key(dataset: str) -> str:
-  """Cache-file stem for a dataset name, or for a path (its location, size and mtime)."""
+  """Cache-file stem for a dataset name, or for a path: what it holds (a file's sha256, a
+  folder's listing), as the decode cache keys it, so that a copy of the data, or the same zip
+  provisioned again with a new mtime, finds the statistics computed once."""
   if dataset in DATASET_NAMES:
     return dataset
   path = pathlib.Path(dataset).expanduser().resolve()
-  st = path.stat()
-  ident = json.dumps([str(path), st.st_size, st.st_mtime_ns])
   safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.name)
-  return f"{safe}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+  return f"{safe}-{decode_cache.source_key(path)[:12]}"
 
 
 def reference_stats_path(dataset: str, split: str, weights_sha256: str) -> pathlib.Path:
