@@ -1,6 +1,7 @@
 """Batching, sharding and caching around the network, with a cheap stand-in for it."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -93,6 +94,31 @@ def test_reference_stats_are_cached_per_weights(tmp_path, monkeypatch):
   files = sorted(p.name for p in (tmp_path / "cache" / "fid_stats").iterdir())
   sha_a = weights_lib.file_sha256(weights_a)[:16]
   assert f"cifar100-train-{sha_a}.npz" in files and len(files) == 3
+
+
+def test_reference_stats_of_a_file_are_keyed_by_what_it_holds(tmp_path, monkeypatch):
+  # The same zip provisioned again (a new mtime) or copied elsewhere reuses the statistics;
+  # other bytes do not.
+  monkeypatch.setenv("CIFARJAX_CACHE", str(tmp_path / "cache"))
+  weights = tmp_path / "w.npz"
+  weights.write_bytes(b"weights")
+  computed = []
+  monkeypatch.setattr(sources, "stats_from_source",
+                      lambda *a, **k: computed.append(a) or (np.zeros(3), np.eye(3)))
+  data = tmp_path / "a" / "images.zip"
+  data.parent.mkdir()
+  data.write_bytes(b"the images")
+  sources.reference_stats(str(data), "train", weights=weights)
+  os.utime(data, ns=(1, 1))
+  sources.reference_stats(str(data), "train", weights=weights)
+  copy = tmp_path / "b" / "images.zip"
+  copy.parent.mkdir()
+  shutil.copy(data, copy)
+  sources.reference_stats(str(copy), "train", weights=weights)
+  assert len(computed) == 1
+  data.write_bytes(b"other images")
+  sources.reference_stats(str(data), "train", weights=weights)
+  assert len(computed) == 2
 
 
 def test_stats_sources_never_load_weights(tmp_path, monkeypatch):
