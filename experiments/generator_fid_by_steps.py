@@ -56,7 +56,9 @@ def grid(names, configs, full: bool):
 
 def at_milestone(out, step, names, data, batch_size, full, num, weights, quick=False):
   """Trains each run to `step` (where it is not past it) and measures its FIDs there
-  (weights None: trains only)."""
+  (weights None: trains only). Each run's main FID comes as soon as it reaches `step`, before
+  the next run trains: hours earlier than after all of them, and a run stopped meanwhile
+  loses training, which resumes, rather than a measurement."""
   runs, missed = {}, []
   for name in names:
     workdir = pathlib.Path(out) / name
@@ -68,17 +70,23 @@ def at_milestone(out, step, names, data, batch_size, full, num, weights, quick=F
     if reached != step:
       raise RuntimeError(f"{name} is at step {reached:,}, not {step:,}")
     runs[name] = (config, workdir)
-  if weights is None:
-    return
-  wanted = grid(list(runs), {n: c for n, (c, _) in runs.items()}, full)
+    if weights is not None:
+      measure_missing(out, step, {name: runs[name]}, [(name, *MAIN)], num, weights)
+  if weights is not None:
+    measure_missing(out, step, runs, grid(list(runs), {n: c for n, (c, _) in runs.items()}, full),
+                    num, weights)
+  for name in missed:
+    print(f"{name} is past step {step:,}; its FIDs there are what fid.jsonl kept")
+
+
+def measure_missing(out, step, runs, wanted, num, weights):
+  """Measures the cells of `wanted` that OUT/fid.jsonl lacks at `step`."""
   kept = {(r["run"], r["train_step"]) + gi.fid_key(r)[1:] for r in gi.read_records(
       pathlib.Path(out) / "fid.jsonl") if r["num"] == num}
   todo = {n: runs[n] for n in runs if any((n, step) + c[1:] not in kept
                                           for c in wanted if c[0] == n)}
   if todo:
     gi.measure_fids(todo, [c for c in wanted if c[0] in todo], out, num, weights)
-  for name in missed:
-    print(f"{name} is past step {step:,}; its FIDs there are what fid.jsonl kept")
 
 
 def fid_table(records, milestones) -> str:

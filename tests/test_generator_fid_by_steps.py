@@ -22,7 +22,21 @@ def test_fids_at_each_milestone_after_training_only_kept_and_not_remeasured(scri
   # Trained to the first milestone without FIDs, then measured there and trained on.
   assert script.run(tmp_path, [2], None, linear_at=2, quick=True) is None
   assert not (tmp_path / "fid.jsonl").exists()
+  # Each run's main FID is measured as soon as it reaches a milestone, before the next run trains.
+  measured_before = {}
+  train_for = script.gi.train_for
+
+  def train_noting_what_was_measured(config, workdir):
+    measured_before[workdir.name, config.steps] = {
+        (r["run"], r["train_step"], r["weights"], r["sampler"]) for r in script.gi.read_records(
+            tmp_path / "fid.jsonl")} if (tmp_path / "fid.jsonl").exists() else set()
+    return train_for(config, workdir)
+
+  monkeypatch.setattr(script.gi, "train_for", train_noting_what_was_measured)
   table = script.run(tmp_path, [4, 2], None, fid_weights=weights, linear_at=2, num=4, quick=True)
+  assert ("paper", 4, "ema", "dpm++2m") in measured_before["improved", 4]
+  assert ("paper", 4, "ema", "ddim") not in measured_before["improved", 4]  # the full set after
+  assert ("paper", 2, "ema", "dpm++2m") in measured_before["improved", 2]
   records = script.gi.read_records(tmp_path / "fid.jsonl")
   cells = {(r["train_step"], *script.gi.fid_key(r)) for r in records}
   main = script.MAIN
