@@ -207,7 +207,7 @@ def exported_weights(workdir) -> str | None:
 
 def export_weights(run: Workdir, out, weights_from: str = "ema") -> int:
   """Writes the folder `out`: the run's config.json and classes.json, its summary.json with
-  the exported step and weights added, and weights.npz holding the latest checkpoint's
+  the exported step and weights added (and its FID only where it is of these weights), and weights.npz holding the latest checkpoint's
   averaged ("ema") or raw params as float32 arrays named by their paths
   ("Down_0/Conv_0/kernel"), readable without cifarjax. `Workdir` reads the folder as it
   reads the run. Returns the step exported."""
@@ -223,6 +223,8 @@ def export_weights(run: Workdir, out, weights_from: str = "ema") -> int:
   flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
   summary_path = run.path / "summary.json"
   summary = runlog.read_json(summary_path) if summary_path.exists() else {}
+  if (summary.get("fid_step"), summary.get("fid_weights_from")) != (step, weights_from):
+    summary = {k: v for k, v in summary.items() if not k.startswith("fid")}  # other weights' FID
   with writing(out):
     out.mkdir(parents=True, exist_ok=True)
   for name in ("config.json", "classes.json"):

@@ -7,7 +7,9 @@ model at a size that compiles in seconds; one module-scoped run serves most test
 import dataclasses
 import functools
 import json
+import pathlib
 import re
+import shutil
 
 import chex
 import flax
@@ -450,6 +452,22 @@ def test_sample_cli_weights_from_raw_with_dpmpp_2m(run_dir, tmp_path):
   ema = generate.generate(workdir, [1, 4, 6], sampler="dpm++2m", steps=4, seed=0, batch_size=4,
                           progress=False)
   assert not np.array_equal(ema, expected)
+
+
+def test_export_keeps_a_fid_only_where_it_is_of_the_exported_weights(run_dir, tmp_path):
+  """A FID that eval-diffusion left in the run's summary goes into the export only where it
+  was measured at the exported step with the exported weights."""
+  workdir = pathlib.Path(shutil.copytree(run_dir[0], tmp_path / "run"))
+  summary = runlog.read_json(workdir / "summary.json")
+  for fid_step, fid_from, kept in ((TINY.steps, "ema", True), (TINY.steps - 1, "ema", False),
+                                   (TINY.steps, "raw", False)):
+    fid = {"fid": 50.0, "fid_num": 10, "fid_step": fid_step, "fid_weights_from": fid_from}
+    runlog.write_json(workdir / "summary.json", {**summary, **fid})
+    out = tmp_path / f"exported-{fid_step}-{fid_from}"
+    assert cli.main(["export-diffusion", "--workdir", str(workdir), "--out", str(out)]) == 0
+    exported = runlog.read_json(out / "summary.json")
+    assert {k: exported.get(k) for k in fid} == (fid if kept else dict.fromkeys(fid))
+    assert exported["final_ema_loss"] == summary["final_ema_loss"]
 
 
 def test_exported_weights_sample_as_the_workdir_does(run_dir, tmp_path, capsys):
