@@ -207,9 +207,9 @@ def exported_weights(workdir) -> str | None:
 
 def export_weights(run: Workdir, out, weights_from: str = "ema") -> int:
   """Writes the folder `out`: the run's config.json and classes.json, its summary.json with
-  the exported step and weights added (and its FID only where it is of these weights), and weights.npz holding the latest checkpoint's
-  averaged ("ema") or raw params as float32 arrays named by their paths
-  ("Down_0/Conv_0/kernel"), readable without cifarjax. `Workdir` reads the folder as it
+  the exported step and weights added (and its FID only where it is of these weights), and
+  weights.npz holding the latest checkpoint's averaged ("ema") or raw params as float32 arrays
+  named by their paths ("Down_0/Conv_0/kernel"), readable without cifarjax. `Workdir` reads the folder as it
   reads the run. Returns the step exported."""
   from flax import traverse_util
   out = pathlib.Path(out)
