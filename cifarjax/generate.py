@@ -79,6 +79,8 @@ def _hashable(value):
 
 def _check_guidance(guidance: float, config):
   from cifarjax.errors import Notice
+  if not guidance >= 0:  # NaN too
+    raise UserError(f"guidance must be a non-negative number, got {guidance}")
   if guidance and not config.label_dropout:
     warnings.warn(Notice("guidance needs a model trained with label dropout (--label-dropout > 0); "
                   "this one never saw the null label, so guided samples are unreliable"))
@@ -164,11 +166,11 @@ def generate(workdir, labels, sampler: str = "ddim", steps: int | None = 50,
   if sampler == "ddpm" and steps == config.num_timesteps:
     steps = None
   settings = check_sampler(config, sampler, steps, eta, sampler_kwargs)
+  _check_guidance(guidance, config)
   if not trained:
     note(f"loading the generator in {run.path}")
   model, state = trained[:2] if trained else run.trained(mesh)
   params = SAMPLE_FROM[sample_from](state)
-  _check_guidance(guidance, config)
   batch_size = -(-min(batch_size, max(len(labels), 1)) // mesh.size) * mesh.size
   schedule = jax.device_put(make_schedule(config), mesh_lib.replicated(mesh))  # once, not per batch
   progress = progress and jax.process_index() == 0
@@ -273,11 +275,11 @@ def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: st
 
   The reference is the train split even for a run trained on train+test
   (DiffusionConfig.train_on): the usual CIFAR FID reference, comparable across runs.
-  sample_from, clip, eta, sampler_kwargs: as `generate`'s.
+  guidance, sample_from, clip, eta, sampler_kwargs: as `generate`'s.
 
   Says which reference it uses before computing anything. Merges {fid, fid_num,
   fid_sampler, fid_steps, fid_eta, fid_sampler_kwargs (completed with the sampler's
-  defaults), fid_sampler_source_sha256 (`registry.fingerprint`), fid_weights_from,
+  defaults), fid_sampler_source_sha256 (`registry.fingerprint`), fid_guidance, fid_weights_from,
   fid_clip, fid_reference, fid_step} into the workdir's summary.json (prefixed: `steps`
   there counts training steps) and returns them.
   """
@@ -289,6 +291,7 @@ def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: st
   check_sample_from(sample_from, run)
   check_clip(clip)
   sampler_kwargs = check_sampler(config, sampler, steps, eta, sampler_kwargs)
+  _check_guidance(guidance, config)  # before the reference statistics, which can take an hour
   weights = fid.resolve_weights_path(weights)  # found (or refused) before the model loads
   mesh = mesh or mesh_lib.make_mesh()
   note(f"loading the generator in {run.path}")
@@ -310,7 +313,7 @@ def evaluate_fid(workdir, num: int, *, weights=None, reference=None, sampler: st
             "fid_steps": config.num_timesteps if steps is None else steps,
             "fid_eta": float(eta), "fid_sampler_kwargs": sampler_kwargs,
             "fid_sampler_source_sha256": registry.fingerprint(diffusion.SAMPLERS[sampler]),
-            "fid_weights_from": sample_from, "fid_clip": clip,
+            "fid_guidance": float(guidance), "fid_weights_from": sample_from, "fid_clip": clip,
             "fid_reference": source, "fid_step": int(jax.device_get(state.step))}
   path = run.path / "summary.json"
   if jax.process_index() == 0:

@@ -229,22 +229,36 @@ def test_eval_classifier_picks_the_weights_with_weights_from_and_the_old_name(cl
 # --- eval-diffusion's reference ----------------------------------------------------------
 
 
-def test_eval_diffusion_names_its_reference_and_leaves_out_the_held_out_images(
-    tmp_path, monkeypatch, fake_inception):
+@pytest.fixture
+def stand_in_generator(tmp_path, monkeypatch, fake_inception):
+  """(workdir, data, weights, seen, guidance): a generator workdir over a 40-image zip (10
+  held out) whose sampling returns black images and records each call's guidance, with
+  `fake_inception`'s features (`seen`: the images each extraction got)."""
   from types import SimpleNamespace
   from cifarjax import generate
   seen, weights = fake_inception
   data = image_zip(tmp_path / "data.zip")  # 40 images, train only
   workdir = tmp_path / "gen"
   workdir.mkdir()
-  config = DiffusionConfig(data=str(data), holdout=10, unet="tiny", num_timesteps=10)
+  config = DiffusionConfig(data=str(data), holdout=10, unet="tiny", num_timesteps=10,
+                           label_dropout=0.1)
   run_lib.save_json(config, workdir / "config.json")
   runlog.write_json(workdir / "classes.json", [f"class_{i}" for i in range(5)])
   monkeypatch.setattr(run_lib.Workdir, "trained",
                       lambda run, mesh: (None, SimpleNamespace(step=7)))
-  monkeypatch.setattr(generate, "generate", lambda workdir, labels, *a, **k: np.zeros(
-      (len(labels), 32, 32, 3), np.uint8))
+  guidance = []
 
+  def black_images(workdir, labels, sampler, steps, w, *args, **kwargs):
+    guidance.append(w)
+    return np.zeros((len(labels), 32, 32, 3), np.uint8)
+
+  monkeypatch.setattr(generate, "generate", black_images)
+  return workdir, data, weights, seen, guidance
+
+
+def test_eval_diffusion_names_its_reference_and_leaves_out_the_held_out_images(
+    tmp_path, stand_in_generator):
+  workdir, data, weights, seen, _ = stand_in_generator
   code, out, err = call("eval-diffusion", "--workdir", workdir, "--num", 4, "--sampler", "ddim",
                         "--steps", 2, "--weights", weights)
   assert code == 0, err
@@ -262,6 +276,29 @@ def test_eval_diffusion_names_its_reference_and_leaves_out_the_held_out_images(
   assert seen == [30, 4, 4]  # the stats file is used as it is
   assert f"FID reference: the statistics in {stats}, used as they are" in err
   assert list((tmp_path / "cache" / "fid_stats").glob("*.npz")) == cached  # not copied
+
+
+def test_eval_diffusion_samples_with_the_guidance_it_is_given(tmp_path, stand_in_generator):
+  workdir, _, weights, seen, guidance = stand_in_generator
+  argv = ("eval-diffusion", "--workdir", workdir, "--num", 4, "--sampler", "ddim", "--steps", 2,
+          "--weights", weights, "--json")
+  for bad in ("-1", "nan"):
+    code, out, err = call(*argv, "--guidance", bad)
+    assert code == 2
+    assert error_of(err, "eval-diffusion").endswith(
+        f"guidance must be a non-negative number, got {float(bad)}")
+  # Refused before the reference statistics (an hour for 45,000 images) and any sampling.
+  assert seen == [] and guidance == [] and not (tmp_path / "cache").exists()
+
+  code, out, err = call(*argv, "--guidance", 3)
+  assert code == 0, err
+  assert guidance == [3.0]
+  assert json.loads(out.splitlines()[-1])["fid_guidance"] == 3.0
+  assert runlog.read_json(workdir / "summary.json")["fid_guidance"] == 3.0
+  code, out, err = call(*argv)
+  assert code == 0, err
+  assert guidance == [3.0, 0.0]  # unguided by default
+  assert json.loads(out.splitlines()[-1])["fid_guidance"] == 0.0
 
 
 # --- One-point series are drawn ----------------------------------------------------------

@@ -56,8 +56,7 @@ def register(subparsers):
                  "(default: every class in turn)")
   _sampler_args(p)
   _weights_from_arg(p)
-  p.add_argument("--guidance", type=float, default=0.0,
-                 help="classifier-free guidance weight (needs a model trained with --label-dropout)")
+  _guidance_arg(p)
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--out", required=True, metavar="FILE.npz",
                  help="writes 'images' (uint8 N x 32 x 32 x 3) and 'labels', and FILE.png beside "
@@ -98,6 +97,7 @@ def register(subparsers):
                  "the run's data (without its held-out slice), their statistics cached")
   _sampler_args(p)
   _weights_from_arg(p)
+  _guidance_arg(p)
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
   p.add_argument("--json", action="store_true", help="print one JSON line")
   p.set_defaults(func=evaluate)
@@ -117,6 +117,12 @@ def _sampler_args(p):
                  "repeatable): a JSON value, else a string")
   _clip_arg(p)
   p.add_argument("--batch-size", type=int, default=256, help="images per compiled batch")
+
+
+def _guidance_arg(p):
+  p.add_argument("--guidance", type=float, default=0.0,
+                 help="classifier-free guidance weight w, eps = (1 + w) eps(x, y) - w eps(x, null); "
+                 "0: unguided (needs a model trained with --label-dropout)")
 
 
 def _clip_arg(p):
@@ -203,8 +209,6 @@ def sample(args):
   if out.suffix != ".npz":
     raise UserError(f"--out must end in .npz, got {out}")
   positive("--num", args.num)
-  if args.guidance < 0:
-    raise UserError(f"--guidance must be non-negative, got {args.guidance}")
   run = _open_run(args.workdir)  # a clear error for a workdir without a generator run
   _check_sampler(args, run.config)
   class_names = run.class_names
@@ -277,7 +281,8 @@ def evaluate(args):
   _check_sampler(args, run.config)
   mesh_lib.initialize_distributed()
   result = evaluate_fid(run, args.num, weights=args.weights, reference=args.reference,
-                        sampler=args.sampler, steps=_steps(args), seed=args.seed,
+                        sampler=args.sampler, steps=_steps(args), guidance=args.guidance,
+                        seed=args.seed,
                         batch_size=args.batch_size, sample_from=args.weights_from,
                         clip=args.clip, eta=args.eta, sampler_kwargs=_sampler_kwargs(args))
   if args.json:
