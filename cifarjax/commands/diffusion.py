@@ -282,8 +282,7 @@ def evaluate(args):
   mesh_lib.initialize_distributed()
   result = evaluate_fid(run, args.num, weights=args.weights, reference=args.reference,
                         sampler=args.sampler, steps=_steps(args), guidance=args.guidance,
-                        seed=args.seed,
-                        batch_size=args.batch_size, sample_from=args.weights_from,
+                        seed=args.seed, batch_size=args.batch_size, sample_from=args.weights_from,
                         clip=args.clip, eta=args.eta, sampler_kwargs=_sampler_kwargs(args))
   if args.json:
     print(json.dumps(result))
